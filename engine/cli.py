@@ -1,0 +1,47 @@
+"""Command-line interface: `python -m engine <command> ...`.
+
+Each command lives in its own module exposing ``register(subparsers)``; the module adds
+its sub-parser and sets ``func`` (a callable taking the parsed args and returning an exit
+code). This keeps the CLI a thin index of what the engine can do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# Modules that contribute sub-commands, in the order they appear in --help.
+COMMAND_MODULES = [
+    "engine.commands.train",
+    "engine.commands.info",
+    "engine.data.commands",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the top-level parser with every registered sub-command."""
+    parser = argparse.ArgumentParser(prog="python -m engine", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:  # a command module not written yet
+            if exc.name == name:
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` and run the chosen command; returns the process exit code."""
+    from engine.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,533 @@
+"""One config tree of typed dataclasses, loaded from YAML plus dotted command-line overrides.
+
+Every key a user writes must land in a field: an unknown or misspelt key is an error that
+names the key and the closest valid ones (the seed runs lost weeks to keys a script silently
+ignored). Invalid combinations of sizes are reported with the numbers that disagree, before
+any process group exists. The resolved tree is printed at start and saved in every
+checkpoint (``to_dict`` / ``to_yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config that cannot be run: unknown key, wrong type or inconsistent sizes."""
+
+
+# --------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the GPT model. ``preset`` fills every field; keys given next to it
+    override the preset's values."""
+
+    preset: Optional[str] = None
+    """Name of a preset in ``models.presets`` (e.g. ``tiny-llama``, ``frankenstallm-3b``)."""
+    num_layers: int = 2
+    """Number of transformer layers."""
+    hidden_size: int = 64
+    """Model (residual stream) width."""
+    num_attention_heads: int = 4
+    """Query heads."""
+    num_query_groups: Optional[int] = None
+    """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
+    kv_channels: Optional[int] = None
+    """Head dimension; None means hidden_size / num_attention_heads."""
+    ffn_hidden_size: int = 256
+    """Width of the dense MLP (per gate/up projection for SwiGLU)."""
+    vocab_size: int = 256
+    """Tokenizer vocabulary size; the embedding is padded to ``make_vocab_size_divisible_by``."""
+    make_vocab_size_divisible_by: int = 128
+    """Padding multiple for the embedding rows. Independent of TP (it must be divisible by TP)
+    so a checkpoint keeps its shapes when it is loaded at another tensor-parallel size."""
+    max_seq_length: int = 128
+    """Longest sequence the model supports (learned positions table size, RoPE range)."""
+    position_embedding: str = "rope"
+    """``rope`` or ``learned_absolute``."""
+    rotary_base: float = 10000.0
+    """RoPE theta."""
+    normalization: str = "RMSNorm"
+    """``RMSNorm`` or ``LayerNorm`` (pre-norm in both cases)."""
+    norm_epsilon: float = 1e-5
+    """Epsilon of the normalisation layers."""
+    activation: str = "swiglu"
+    """MLP activation: ``swiglu`` (gated SiLU) or ``gelu``."""
+    add_bias: bool = False
+    """Biases on linear layers (GPT-2 style) or not (LLaMA style)."""
+    tie_embeddings: bool = True
+    """Share the input embedding and the output projection."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight initialisation."""
+    hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
+    attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
+    num_experts: int = 0
+    """Experts per MoE layer; 0 means a dense model."""
+    moe_router_topk: int = 2
+    """Experts each token is routed to."""
+    moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of one expert; None means ffn_hidden_size."""
+    moe_aux_loss_coeff: float = 1e-2
+    """Weight of the load-balancing auxiliary loss."""
+    moe_token_dispatcher: str = "alltoall"
+    """megatron-core token dispatcher: ``alltoall`` or ``allgather``."""
+    moe_grouped_gemm: bool = False
+    """Use grouped GEMM experts (needs TransformerEngine)."""
+    sliding_window: int = 0
+    """Sliding-window attention span in tokens; 0 means full causal attention everywhere."""
+    sliding_window_layers: str = "all"
+    """Which layers use the window: ``all``, ``even`` or ``odd`` (0-based layer index)."""
+
+
+@dataclass
+class ParallelConfig:
+    """How the model and data are split over ranks. Data parallel = world / (TP x PP x CP)."""
+
+    tensor: int = 1
+    """Tensor-parallel size (splits heads and FFN columns)."""
+    pipeline: int = 1
+    """Pipeline-parallel stages."""
+    virtual_pipeline: Optional[int] = None
+    """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
+    context: int = 1
+    """Context-parallel size (splits the sequence; needs TransformerEngine)."""
+    expert: int = 1
+    """Expert-parallel size (splits the experts of each MoE layer)."""
+    sequence_parallel: bool = False
+    """Megatron sequence parallelism with TP (needs TransformerEngine norms)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
+    overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
+    backend: str = "auto"
+    """Process-group backend: ``auto`` (NCCL with CUDA, gloo otherwise), ``nccl`` or ``gloo``."""
+
+
+@dataclass
+class DataConfig:
+    """Where the training tokens come from (indexed ``.bin/.idx`` datasets)."""
+
+    paths: List[str] = field(default_factory=list)
+    """Dataset prefixes (``name`` for ``name.bin``/``name.idx``)."""
+    weights: Optional[List[float]] = None
+    """Blend weights, one per path; None means proportional to size."""
+    split: str = "98,1,1"
+    """Train/valid/test split of every dataset, in parts."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or ``.model`` file; its EOS id ends documents, its size sizes the vocab."""
+    seq_length: int = 128
+    """Training sequence length."""
+    cache_dir: Optional[str] = None
+    """Where megatron-core writes its index caches; None means ``<checkpoint.dir>/data_cache``."""
+    mock: bool = False
+    """Random tokens instead of files (benchmarks only)."""
+    seed: int = 1234
+    """Seed of the dataset shuffles (independent of the model seed)."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank."""
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW through megatron-core's optimizer (fp32 master weights and state)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay; never applied to norms, biases and embeddings."""
+    beta1: float = 0.9
+    """Adam beta1."""
+    beta2: float = 0.95
+    """Adam beta2."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0 disables)."""
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule: linear warmup then decay to ``optimizer.min_lr``."""
+
+    warmup_steps: int = 0
+    """Steps of linear warmup from 0 to the peak LR."""
+    decay_style: str = "cosine"
+    """``cosine``, ``linear`` or ``constant``."""
+    decay_steps: Optional[int] = None
+    """Steps from the start to the end of the decay; None means ``training.steps``."""
+
+
+@dataclass
+class TrainingConfig:
+    """Batch sizes, length of the run, evaluation and the objective."""
+
+    steps: int = 100
+    """Optimizer steps to train for."""
+    global_batch_size: int = 8
+    """Sequences per optimizer step, over all data-parallel ranks."""
+    micro_batch_size: int = 1
+    """Sequences per forward pass on one rank."""
+    seed: int = 1234
+    """Seed of weight initialisation and dropout."""
+    objective: str = "pretrain"
+    """Training objective (``pretrain``)."""
+    eval_interval: int = 0
+    """Steps between validation runs; 0 disables validation."""
+    eval_steps: int = 2
+    """Global batches per validation run."""
+    recompute: str = "none"
+    """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
+    exit_on_nonfinite: bool = True
+    """Stop (after saving a checkpoint) when the loss becomes NaN or Inf."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats of parameters, activations and gradient reductions."""
+
+    dtype: str = "auto"
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``."""
+    grad_reduce_in_fp32: bool = True
+    """Accumulate and reduce gradients in fp32."""
+
+
+@dataclass
+class LoggingConfig:
+    """What is reported and where."""
+
+    interval: int = 10
+    """Steps between log lines."""
+    dir: Optional[str] = None
+    """TensorBoard/metrics directory; None means ``<checkpoint.dir>/logs``."""
+    tensorboard: bool = True
+    """Write TensorBoard event files."""
+    wandb_project: Optional[str] = None
+    """Also log to this Weights & Biases project (needs ``wandb``)."""
+    gpu: Optional[str] = None
+    """GPU model for the MFU peak table (``h100``, ``b200``...); None means detect."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Distributed checkpoints (megatron-core dist_checkpointing)."""
+
+    dir: str = "runs/default"
+    """Run directory; checkpoints go to ``<dir>/checkpoints/iter_NNNNNNN``."""
+    save_interval: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    keep: int = 3
+    """Most recent checkpoints kept (older ones deleted); 0 keeps all."""
+    resume: bool = False
+    """Resume from the newest complete checkpoint in ``dir`` if there is one."""
+    load: Optional[str] = None
+    """Resume from this checkpoint directory instead of the newest in ``dir``."""
+    save_optimizer: bool = True
+    """Include optimizer state (needed for exact resume)."""
+
+
+@dataclass
+class Config:
+    """The whole run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain nested dict of the resolved config."""
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        """YAML text of the resolved config (what is printed and saved)."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _field_types(cls) -> Dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(
+        f"unknown key '{where}{key}'.{hint} Valid keys in '{where.rstrip('.') or 'config'}': "
+        f"{', '.join(sorted(valid))}"
+    )
+
+
+def _coerce(value: Any, typ: Any, path: str) -> Any:
+    """Check/convert one leaf value against its annotated type."""
+    origin = typing.get_origin(typ)
+    args = typing.get_args(typ)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(value, non_none[0], path)
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"'{path}' must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"'{path}' must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"'{path}' must be an integer, got {value!r}")
+    if typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"'{path}' must be a number, got {value!r}")
+    if typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"'{path}' must be a string, got {value!r}")
+    return value
+
+
+def _apply(obj: Any, values: Dict[str, Any], where: str) -> None:
+    """Set the fields of dataclass ``obj`` from ``values``, recursing into sub-configs."""
+    types = _field_types(type(obj))
+    for key, value in values.items():
+        if key not in types:
+            raise _unknown_key(str(key), list(types), where)
+        typ = types[key]
+        if dataclasses.is_dataclass(typ):
+            if not isinstance(value, dict):
+                raise ConfigError(f"'{where}{key}' must be a mapping, got {value!r}")
+            _apply(getattr(obj, key), value, f"{where}{key}.")
+        else:
+            setattr(obj, key, _coerce(value, typ, f"{where}{key}"))
+
+
+def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
+    """Turn ``["a.b=1", "c=x"]`` into a nested dict; values are parsed as YAML scalars."""
+    nested: Dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override")
+        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def from_dict(values: Dict[str, Any]) -> Config:
+    """Build a Config from a nested dict. A ``model.preset`` is applied first, then the
+    other ``model`` keys override it."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
+    cfg = Config()
+    model_values = dict(values.get("model") or {})
+    preset = model_values.get("preset")
+    if preset is not None:
+        from models.presets import get_preset
+
+        cfg.model = get_preset(str(preset))
+    rest = {k: v for k, v in values.items()}
+    rest["model"] = model_values
+    _apply(cfg, rest, "")
+    return cfg
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML file (optional) and apply dotted ``key=value`` overrides."""
+    values: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file '{p}' does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"'{p}' must hold a mapping at the top level")
+    values = _deep_merge(values, parse_overrides(overrides))
+    return from_dict(values)
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------
+
+_CHOICES = {
+    "model.position_embedding": ("rope", "learned_absolute"),
+    "model.normalization": ("RMSNorm", "LayerNorm"),
+    "model.activation": ("swiglu", "gelu"),
+    "model.moe_token_dispatcher": ("alltoall", "allgather"),
+    "model.sliding_window_layers": ("all", "even", "odd"),
+    "parallel.backend": ("auto", "nccl", "gloo"),
+    "schedule.decay_style": ("cosine", "linear", "constant"),
+    "training.recompute": ("none", "selective", "full"),
+    "training.objective": ("pretrain",),
+    "precision.dtype": ("auto", "bf16", "fp16", "fp32"),
+}
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Data-parallel size implied by the world size and the model-parallel sizes."""
+    p = cfg.parallel
+    return world_size // (p.tensor * p.pipeline * p.context)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Raise ConfigError listing every inconsistency between sizes, naming the numbers."""
+    errors: List[str] = []
+    m, p, t = cfg.model, cfg.parallel, cfg.training
+
+    for dotted, choices in _CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            errors.append(f"{dotted} is {value!r}; choose one of {', '.join(choices)}")
+
+    for name in ("tensor", "pipeline", "context", "expert"):
+        if getattr(p, name) < 1:
+            errors.append(f"parallel.{name} must be >= 1, got {getattr(p, name)}")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+    groups = m.num_query_groups or m.num_attention_heads
+    if m.num_attention_heads % p.tensor:
+        errors.append(
+            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
+            f"parallel.tensor ({p.tensor})"
+        )
+    if groups % p.tensor:
+        errors.append(f"model.num_query_groups ({groups}) is not divisible by parallel.tensor ({p.tensor})")
+    if m.num_attention_heads % groups:
+        errors.append(
+            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
+            f"model.num_query_groups ({groups})"
+        )
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
+        errors.append(
+            f"model.hidden_size ({m.hidden_size}) is not divisible by model.num_attention_heads "
+            f"({m.num_attention_heads}); set model.kv_channels"
+        )
+    stages = p.pipeline * (p.virtual_pipeline or 1)
+    if m.num_layers % stages:
+        errors.append(
+            f"model.num_layers ({m.num_layers}) is not divisible by parallel.pipeline x "
+            f"parallel.virtual_pipeline ({p.pipeline} x {p.virtual_pipeline or 1} = {stages})"
+        )
+    if p.virtual_pipeline is not None and p.pipeline < 2:
+        errors.append(f"parallel.virtual_pipeline ({p.virtual_pipeline}) needs parallel.pipeline >= 2")
+    mp = p.tensor * p.pipeline * p.context
+    if world_size % mp:
+        errors.append(
+            f"world size ({world_size}) is not divisible by parallel.tensor x parallel.pipeline x "
+            f"parallel.context ({p.tensor} x {p.pipeline} x {p.context} = {mp})"
+        )
+    if m.num_experts:
+        if m.num_experts % p.expert:
+            errors.append(f"model.num_experts ({m.num_experts}) is not divisible by parallel.expert ({p.expert})")
+        if m.moe_router_topk > m.num_experts:
+            errors.append(f"model.moe_router_topk ({m.moe_router_topk}) exceeds model.num_experts ({m.num_experts})")
+    elif p.expert > 1:
+        errors.append(f"parallel.expert is {p.expert} but the model is dense (model.num_experts = 0)")
+    if p.expert > 1 and world_size % mp == 0:
+        # Expert-data parallel group: EP x expert-TP must divide the DP x CP x TP ranks of a stage.
+        stage_ranks = world_size // p.pipeline
+        if stage_ranks % (p.expert * p.tensor):
+            errors.append(
+                f"parallel.expert x parallel.tensor ({p.expert} x {p.tensor}) does not divide the "
+                f"ranks of one pipeline stage ({world_size} / {p.pipeline} = {stage_ranks})"
+            )
+    if world_size % mp == 0:
+        dp = world_size // mp
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            errors.append(
+                f"training.global_batch_size ({t.global_batch_size}) is not divisible by "
+                f"training.micro_batch_size x data-parallel size ({t.micro_batch_size} x {dp} = "
+                f"{t.micro_batch_size * dp})"
+            )
+        elif p.virtual_pipeline is not None:
+            micro = t.global_batch_size // (t.micro_batch_size * dp)
+            if micro % p.pipeline:
+                errors.append(
+                    f"interleaved pipelining needs micro-batches per step ({micro}) divisible by "
+                    f"parallel.pipeline ({p.pipeline})"
+                )
+    if padded_vocab_size(m) % p.tensor:
+        errors.append(
+            f"padded vocab ({padded_vocab_size(m)}) is not divisible by parallel.tensor ({p.tensor}); "
+            f"raise model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by})"
+        )
+    if cfg.data.seq_length > m.max_seq_length:
+        errors.append(
+            f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})"
+        )
+    if m.sliding_window < 0:
+        errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
+    if p.sequence_parallel and p.tensor == 1:
+        errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
+    if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
+        errors.append(
+            f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}"
+        )
+    if not cfg.data.mock and not cfg.data.paths:
+        errors.append("data.paths is empty (give dataset prefixes, or data.mock=true for benchmarks)")
+    if t.steps < 1:
+        errors.append(f"training.steps must be >= 1, got {t.steps}")
+    if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
+        errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def padded_vocab_size(model: ModelConfig) -> int:
+    """Embedding rows: vocab padded to a multiple of ``make_vocab_size_divisible_by``."""
+    multiple = model.make_vocab_size_divisible_by
+    return int(math.ceil(model.vocab_size / multiple) * multiple)

@@ -1,0 +1,1 @@
+"""Data: tokenizers, indexed binary datasets, preprocessing, blending, samplers."""

@@ -1,0 +1,1 @@
+"""Models: presets, layer specs, megatron-core GPTModel construction, Hugging Face weight mapping."""

@@ -1,0 +1,176 @@
+"""Build megatron-core ``GPTModel`` chunks (one per virtual pipeline stage) from the config."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import Config, ModelConfig, ParallelConfig, padded_vocab_size
+
+log = logging.getLogger(__name__)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's GELU (tanh approximation, ``gelu_new`` in transformers)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """Map ``precision.dtype`` to a torch dtype; ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def window_layers(model: ModelConfig) -> Optional[List[int]]:
+    """Per-layer 0/1 list (megatron's ``window_attn_skip_freq``) of sliding-window layers."""
+    if not model.sliding_window:
+        return None
+    pattern = model.sliding_window_layers
+    return [
+        int(pattern == "all" or (pattern == "even") == (i % 2 == 0)) for i in range(model.num_layers)
+    ]
+
+
+def transformer_config(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    dtype: torch.dtype = torch.float32,
+    recompute: str = "none",
+    on_cpu: Optional[bool] = None,
+):
+    """megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
+
+    On CPU the CUDA-only fusions are off and weights are initialised on the CPU."""
+    from megatron.core.transformer import TransformerConfig
+
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    swiglu = model.activation == "swiglu"
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        kv_channels=model.kv_channels,
+        ffn_hidden_size=model.ffn_hidden_size,
+        normalization=model.normalization,
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=swiglu,
+        activation_func=F.silu if swiglu else gelu_tanh,
+        add_bias_linear=model.add_bias,
+        add_qkv_bias=model.add_bias,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tensor,
+        pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+        context_parallel_size=parallel.context,
+        expert_model_parallel_size=parallel.expert,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        # Loss is normalised by the valid tokens of the whole global batch (finalize_model_grads).
+        calculate_per_token_loss=True,
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=not on_cpu and (swiglu or model.add_bias),
+        masked_softmax_fusion=not on_cpu,
+        bias_dropout_fusion=not on_cpu,
+        apply_rope_fusion=False,  # needs TE or apex kernels; the torch path is exact
+        gradient_accumulation_fusion=False,  # needs apex/TE fused wgrad kernels
+        persist_layer_norm=False,
+        window_size=(model.sliding_window - 1, 0) if model.sliding_window else None,
+        window_attn_skip_freq=window_layers(model),
+    )
+    if model.num_experts:
+        kwargs.update(
+            num_moe_experts=model.num_experts,
+            moe_router_topk=model.moe_router_topk,
+            moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+            moe_aux_loss_coeff=model.moe_aux_loss_coeff,
+            moe_router_load_balancing_type="aux_loss",
+            moe_token_dispatcher_type=model.moe_token_dispatcher,
+            moe_grouped_gemm=model.moe_grouped_gemm,
+        )
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    return TransformerConfig(**kwargs)
+
+
+@dataclass
+class BuiltModel:
+    """Model chunks of this rank and how they were built."""
+
+    chunks: List[torch.nn.Module]
+    config: object  # megatron TransformerConfig
+    spec_description: str
+
+
+def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = None) -> BuiltModel:
+    """Construct this rank's ``GPTModel`` chunk(s); parallel_state must be initialised."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from models.specs import layer_spec
+
+    tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute)
+    spec, description = layer_spec(cfg.model, use_te)
+    vp = cfg.parallel.virtual_pipeline
+    chunks = []
+    for stage in range(vp or 1):
+        vp_stage = stage if vp else None
+        model = GPTModel(
+            config=tf_config,
+            transformer_layer_spec=spec,
+            vocab_size=padded_vocab_size(cfg.model),
+            max_sequence_length=cfg.model.max_seq_length,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+            share_embeddings_and_output_weights=cfg.model.tie_embeddings,
+            position_embedding_type=cfg.model.position_embedding,
+            rotary_base=int(cfg.model.rotary_base),
+            vp_stage=vp_stage,
+        )
+        chunks.append(model)
+    return BuiltModel(chunks=chunks, config=tf_config, spec_description=description)
+
+
+@dataclass
+class ParameterCount:
+    """Parameters of a model: all of them, and those one token passes through."""
+
+    total: int
+    active: int
+    embedding: int
+
+
+def count_parameters(chunks: List[torch.nn.Module], model: ModelConfig) -> ParameterCount:
+    """Count unique parameters of fully built (TP=PP=1) chunks.
+
+    ``active`` counts, for MoE layers, only ``moe_router_topk`` of ``num_experts`` experts:
+    the parameters one token actually uses."""
+    seen = set()
+    total = expert = embedding = 0
+    for chunk in chunks:
+        for name, param in chunk.named_parameters():
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            n = param.numel()
+            total += n
+            if ".experts." in name:
+                expert += n
+            if "embedding" in name or "output_layer" in name:
+                embedding += n
+    active = total
+    if model.num_experts:
+        active = total - expert + expert * model.moe_router_topk // model.num_experts
+    return ParameterCount(total=total, active=active, embedding=embedding)

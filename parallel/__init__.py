@@ -1,0 +1,1 @@
+"""Parallelism: process groups, layout checks, the CPU development backend."""
