@@ -130,6 +130,8 @@ class DataConfig:
     """Train/valid/test split of every dataset, in parts."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or ``.model`` file; its EOS id ends documents, its size sizes the vocab."""
+    eod_id: int = 0
+    """End-of-document id of the data when ``tokenizer`` is not given (else the tokenizer's)."""
     seq_length: int = 128
     """Training sequence length."""
     cache_dir: Optional[str] = None
@@ -238,6 +240,9 @@ class CheckpointConfig:
     """Resume from the newest complete checkpoint in ``dir`` if there is one."""
     load: Optional[str] = None
     """Resume from this checkpoint directory instead of the newest in ``dir``."""
+    init_from: Optional[str] = None
+    """Start from the weights of this checkpoint (any layout) with a fresh optimizer, schedule
+    and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
 

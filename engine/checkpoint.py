@@ -1,0 +1,180 @@
+"""Checkpoints through megatron-core ``dist_checkpointing``: reshardable, atomic, self-describing.
+
+Layout of a run directory::
+
+    <dir>/checkpoints/iter_0000100/       # complete checkpoint (dist_checkpointing files)
+        engine_meta.json                  # iteration, data position, lineage; written last
+        config.yaml                       # the resolved config of the run that wrote it
+    <dir>/checkpoints/iter_0000200.tmp/   # being written: never taken as a checkpoint
+
+A checkpoint is written under a ``.tmp`` name and renamed once every rank has finished,
+so a crash mid-write leaves nothing that looks complete. The newest checkpoint is found by
+the iteration number in complete directories, never by sorting names. Model and optimizer
+state are saved in megatron-core's "fully_reshardable" format, so they load at any
+TP/PP/DP layout.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+META = "engine_meta.json"
+_ITER_DIR = re.compile(r"^iter_(\d{7,})$")
+_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that is not a tensor: restored exactly on resume."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    lineage: List[Dict[str, Any]] = field(default_factory=list)
+
+
+def checkpoint_root(run_dir: str) -> Path:
+    """Directory holding the ``iter_*`` checkpoints of a run."""
+    return Path(run_dir) / "checkpoints"
+
+
+def list_checkpoints(run_dir: str) -> List[Path]:
+    """Complete checkpoints of a run, oldest first (by iteration number)."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for d in root.iterdir():
+        m = _ITER_DIR.match(d.name)
+        if m and d.is_dir() and (d / META).is_file():
+            found.append((int(m.group(1)), d))
+    return [d for _, d in sorted(found)]
+
+
+def latest_checkpoint(run_dir: str) -> Optional[Path]:
+    """The complete checkpoint with the highest iteration, or None."""
+    ckpts = list_checkpoints(run_dir)
+    return ckpts[-1] if ckpts else None
+
+
+def read_meta(ckpt: Path) -> Dict[str, Any]:
+    """The engine metadata of a checkpoint (iteration, data position, config, lineage)."""
+    return json.loads((Path(ckpt) / META).read_text())
+
+
+def _model_key(i: int, n: int) -> str:
+    return "model" if n == 1 else f"model{i}"
+
+
+def _model_sharded_state_dict(chunks) -> Dict[str, Any]:
+    return {_model_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def _rng_sharded_object(is_loading: bool):
+    """Per-rank RNG state (CPU, CUDA, megatron's tracker) as a ShardedObject."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = None
+    if not is_loading:
+        state = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        }
+    pp, tp = ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()
+    shape = (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size())
+    return ShardedObject(
+        "rng_state", state, shape, (pp, tp), replica_id=ps.get_data_parallel_rank(with_context_parallel=True)
+    )
+
+
+def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, scheduler, config_yaml: str,
+                    save_optimizer: bool = True, keep: int = 0) -> Path:
+    """Write a complete checkpoint of ``state.iteration`` atomically; returns its path."""
+    from megatron.core import dist_checkpointing
+
+    root = checkpoint_root(run_dir)
+    final = root / f"iter_{state.iteration:07d}"
+    tmp = root / f"iter_{state.iteration:07d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+
+    sd = _model_sharded_state_dict(chunks)
+    if save_optimizer and optimizer is not None:
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False, metadata=_SHARDING)
+        sd["scheduler"] = scheduler.state_dict()
+    sd["rng_state"] = _rng_sharded_object(is_loading=False)
+    sd["train_state"] = asdict(state)
+    dist_checkpointing.save(sd, str(tmp), content_metadata=_SHARDING)
+    dist.barrier()
+
+    if rank == 0:
+        meta = {
+            **asdict(state),
+            "has_optimizer": bool(save_optimizer and optimizer is not None),
+            "format": "megatron-core dist_checkpointing",
+        }
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / META).write_text(json.dumps(meta, indent=2))  # its presence marks completeness
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        if keep > 0:
+            for old in list_checkpoints(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True) -> TrainState:
+    """Restore model (and optionally optimizer, scheduler, RNG, progress) from ``ckpt``.
+
+    The checkpoint may come from any TP/PP/DP layout. With ``load_optimizer=False`` only the
+    weights are read (a fresh optimizer picks them up) and a fresh TrainState is returned."""
+    from megatron.core import dist_checkpointing
+
+    ckpt = Path(ckpt)
+    if not (ckpt / META).is_file():
+        raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {META})")
+    meta = read_meta(ckpt)
+    sd = _model_sharded_state_dict(chunks)
+    full = load_optimizer and optimizer is not None
+    if full:
+        if not meta.get("has_optimizer"):
+            raise ValueError(f"{ckpt} was saved without optimizer state; it can only initialise weights")
+        sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=_SHARDING)
+        sd["rng_state"] = _rng_sharded_object(is_loading=True)
+    loaded = dist_checkpointing.load(sd, str(ckpt))
+    for i, c in enumerate(chunks):
+        c.load_state_dict(loaded[_model_key(i, len(chunks))])
+    if not full:
+        if optimizer is not None:
+            optimizer.reload_model_params()  # fp32 master copies from the loaded weights
+        return TrainState()
+    optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    rng = loaded["rng_state"]
+    torch.set_rng_state(rng["cpu"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+    return TrainState(**loaded["train_state"])

@@ -1,0 +1,34 @@
+"""`python -m engine train CONFIG.yaml [dotted.key=value ...]`."""
+from __future__ import annotations
+
+import argparse
+import logging
+
+
+def register(subparsers) -> None:
+    """Add the ``train`` sub-command."""
+    p = subparsers.add_parser("train", help="train a model (start with torchrun for several ranks)",
+                              description="Train a megatron-core GPT model from a YAML config.")
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.steps=10")
+    p.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint (checkpoint.resume=true)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Load the config, train, and tear down the process groups."""
+    from engine.config import load_config
+    from engine.trainer import NonFiniteLossError, Trainer
+    from parallel.setup import shutdown
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
+    cfg = load_config(args.config, overrides)
+    try:
+        Trainer(cfg).fit()
+    except NonFiniteLossError as exc:
+        print(f"error: {exc}", flush=True)
+        return 3
+    finally:
+        shutdown()
+    return 0

@@ -1,0 +1,179 @@
+"""Pretraining data: megatron-core GPTDataset / BlendedDataset over indexed ``.bin/.idx`` files,
+and the sampler that turns "consumed samples" into this rank's micro-batches.
+
+The data position of a run is one integer, the number of training samples consumed. The
+datasets are deterministic functions of (files, split, seed, sequence length), so a resumed
+run with the same integer sees exactly the batches the uninterrupted run would have seen,
+whatever the world size.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from engine.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenIds:
+    """The tokenizer facts GPTDataset reads (``eod``, ``pad``, ``vocab_size``)."""
+
+    eod: int
+    pad: int
+    vocab_size: int
+    sha256: str = ""
+
+    @property
+    def unique_identifiers(self) -> Dict[str, object]:
+        """Part of megatron-core's dataset cache key: a changed tokenizer rebuilds the indices."""
+        return {"class": "TokenIds", "eod": self.eod, "pad": self.pad,
+                "vocab_size": self.vocab_size, "sha256": self.sha256}
+
+
+def token_ids(cfg: Config) -> TokenIds:
+    """Special ids from ``data.tokenizer`` (checked against ``model.vocab_size``)."""
+    if cfg.data.tokenizer is None:
+        return TokenIds(eod=cfg.data.eod_id, pad=cfg.data.eod_id, vocab_size=cfg.model.vocab_size)
+    from engine.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(cfg.data.tokenizer)
+    if tok.vocab_size != cfg.model.vocab_size:
+        raise ConfigError(
+            f"data.tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+            f"{cfg.model.vocab_size}; set model.vocab_size={tok.vocab_size}"
+        )
+    pad = tok.pad if tok.pad is not None and tok.pad >= 0 else tok.eod
+    return TokenIds(eod=tok.eod, pad=pad, vocab_size=tok.vocab_size, sha256=getattr(tok, "sha256", ""))
+
+
+def _split_fractions(split: str) -> List[float]:
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"data.split '{split}' must be numbers separated by commas, e.g. 98,1,1")
+    parts = (parts + [0.0, 0.0, 0.0])[:3]
+    if any(p < 0 for p in parts) or sum(parts) <= 0:
+        raise ConfigError(f"data.split '{split}' must be non-negative with a positive sum")
+    return [p / sum(parts) for p in parts]
+
+
+def check_split_sizes(cfg: Config, needed: Sequence[int]) -> None:
+    """Refuse splits too small to hold one sequence (megatron-core 0.16.1 would loop forever).
+
+    Mirrors how megatron-core cuts each dataset's documents into train/valid/test."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    fractions = _split_fractions(cfg.data.split)
+    names = ("train", "valid", "test")
+    for prefix in cfg.data.paths:
+        for ext in (".bin", ".idx"):
+            if not Path(prefix + ext).exists():
+                raise ConfigError(f"data.paths entry '{prefix}': {prefix + ext} does not exist")
+        ds = IndexedDataset(prefix)
+        lengths = ds.sequence_lengths
+        n_docs = len(ds.document_indices) - 1
+        bounds = [0]
+        for f in fractions:
+            bounds.append(bounds[-1] + f)
+        cut = [int(round(b * n_docs)) for b in bounds]
+        cut[-1] = n_docs
+        for i, name in enumerate(names):
+            if needed[i] <= 0:
+                continue
+            docs = ds.document_indices[cut[i] : cut[i + 1] + 1]
+            tokens = int(np.sum(lengths[docs[0] : docs[-1]])) if len(docs) > 1 else 0
+            if tokens < cfg.data.seq_length + 1:
+                raise ConfigError(
+                    f"the {name} split of '{prefix}' holds {cut[i + 1] - cut[i]} documents / "
+                    f"{tokens} tokens (data.split={cfg.data.split!r}), fewer than one sequence of "
+                    f"data.seq_length+1 = {cfg.data.seq_length + 1} tokens; give it more data, "
+                    f"shorten data.seq_length or change data.split"
+                )
+
+
+def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_samples: int = 0):
+    """(train, valid, test) datasets via megatron-core's BlendedMegatronDatasetBuilder."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+    ids = token_ids(cfg)
+    sizes = [train_samples, valid_samples, test_samples]
+    cache = cfg.data.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache")
+    if cfg.data.mock:
+        blend = None
+    else:
+        check_split_sizes(cfg, sizes)
+        blend = (list(cfg.data.paths), list(cfg.data.weights) if cfg.data.weights else None)
+    ds_config = GPTDatasetConfig(
+        random_seed=cfg.data.seed,
+        sequence_length=cfg.data.seq_length,
+        blend=blend,
+        split=cfg.data.split,
+        path_to_cache=cache,
+        tokenizer=ids,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        create_attention_mask=False,
+    )
+    cls = MockGPTDataset if cfg.data.mock else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config)
+    return builder.build()
+
+
+class MicroBatchSampler:
+    """Yields this data-parallel rank's micro-batch sample indices from ``consumed_samples`` on.
+
+    Each global batch is read in groups of ``micro_batch_size x dp_size`` consecutive
+    samples; rank r takes the r-th slice of each group (megatron's pretraining sampler)."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.total = total_samples
+        self.start = consumed_samples
+        self.mbs = micro_batch_size
+        self.rank = dp_rank
+        self.dp = dp_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        group = self.mbs * self.dp
+        for first in range(self.start, self.total - group + 1, group):
+            lo = first + self.rank * self.mbs
+            yield list(range(lo, lo + self.mbs))
+
+    def __len__(self) -> int:
+        return max(0, (self.total - self.start) // (self.mbs * self.dp))
+
+
+def _collate(samples: List[Dict]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        if torch.is_tensor(values[0]):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = torch.as_tensor(np.asarray(values))
+    return out
+
+
+def micro_batches(dataset, sampler: MicroBatchSampler, num_workers: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
+    """Iterator of collated micro-batches (dicts of tensors) in sampler order."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+    )
+    return iter(loader)
+
+
+def dataset_names(dataset) -> List[str]:
+    """Names (file prefixes) of the datasets a (blended) dataset draws from, by dataset_id."""
+    inner = getattr(dataset, "datasets", None)
+    if inner is None:
+        return [Path(getattr(dataset, "dataset_path", "data") or "data").name]
+    return [Path(getattr(d, "dataset_path", f"ds{i}") or f"ds{i}").name for i, d in enumerate(inner)]

@@ -1,0 +1,48 @@
+"""Next-token prediction on every token of the sequence (masked by ``loss_mask``)."""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Dict
+
+import torch
+
+from engine.objectives.base import Objective
+
+
+class PretrainObjective(Objective):
+    """Causal LM loss, normalised by the number of valid tokens in the global batch."""
+
+    name = "pretrain"
+
+    def forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        tokens = batch["tokens"]
+        labels = batch["labels"]
+        loss_mask = batch["loss_mask"].float()
+        position_ids = batch["position_ids"]
+        # Given labels, GPTModel returns the per-token loss [b, s] from vocab-parallel
+        # cross entropy in fp32 (exact under tensor parallelism).
+        output = model(tokens, position_ids, None, labels=labels)
+        dataset_id = batch.get("dataset_id")
+        return output, partial(self.loss_func, loss_mask, dataset_id)
+
+    def loss_func(self, loss_mask: torch.Tensor, dataset_id, output: torch.Tensor):
+        """Summed masked loss, valid-token count and metric sums of one micro-batch."""
+        losses = output.float()
+        loss_sum = (losses * loss_mask).sum()
+        num_tokens = loss_mask.sum().to(torch.int)
+        metrics = {"loss_sum": loss_sum.detach().clone(), "tokens": loss_mask.sum().detach()}
+        if dataset_id is not None:
+            # Tokens drawn from each blended dataset, to log the realised mixture.
+            for ds, n in zip(dataset_id.tolist(), loss_mask.sum(dim=1).tolist()):
+                key = f"tokens_ds{int(ds)}"
+                metrics[key] = metrics.get(key, torch.zeros(())) + n
+        return loss_sum, num_tokens, metrics
+
+    def finalize_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
+        tokens = max(sums.get("tokens", 0.0), 1.0)
+        loss = sums.get("loss_sum", float("nan")) / tokens
+        out = {"loss": loss, "tokens": sums.get("tokens", 0.0)}
+        out["ppl"] = math.exp(min(loss, 50.0)) if math.isfinite(loss) else float("nan")
+        return out

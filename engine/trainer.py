@@ -1,0 +1,293 @@
+"""The training loop: megatron-core model, DDP, optimizer and schedule, driven by an objective.
+
+``Trainer(cfg).fit()`` is the whole run. One step is readable in ``train_step``: zero the
+gradient buffers, run megatron-core's forward-backward schedule over the micro-batches
+(it finalises gradients: DP reduction, tied-embedding sync, division by the global number
+of valid tokens), reduce the metrics, refuse a non-finite loss, step the optimizer and the
+schedule.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from engine import checkpoint as ckpt_lib
+from engine.config import Config, ConfigError, validate
+from engine.data import gpt_data
+from engine.metrics import (MetricsWriter, detect_gpu, flops_per_token, format_line, mfu,
+                            peak_memory_gib, print_rank0)
+from engine.objectives import build_objective
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the state before the bad step has been checkpointed."""
+
+
+class Trainer:
+    """Builds every component from the config, then trains (``fit``)."""
+
+    def __init__(self, cfg: Config):
+        from parallel.setup import init_distributed, init_model_parallel, world_size_from_env
+
+        self.cfg = cfg
+        # Sizes are checked against the launcher's world size before any group exists.
+        validate(cfg, world_size_from_env())
+        self.env = init_distributed(cfg.parallel)
+        init_model_parallel(cfg.parallel, cfg.training.seed)
+        self._build()
+
+    # ----------------------------------------------------------------------------- setup
+    def _build(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+        from engine.optim import build_optimizer, build_scheduler
+        from models.build import build_gpt_chunks, resolve_dtype
+        from parallel.setup import describe_layout
+
+        cfg = self.cfg
+        self.dtype = resolve_dtype(cfg.precision.dtype)
+        self.dp_size = ps.get_data_parallel_world_size()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.num_micro = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
+
+        print_rank0("resolved config:\n" + cfg.to_yaml())
+        built = build_gpt_chunks(cfg, self.dtype)
+        self.tf_config = built.config
+        print_rank0(f"layers: {built.spec_description}; dtype {self.dtype}; device {self.env.device}")
+        print_rank0(f"layout: {describe_layout()} (world {self.env.world_size}, dp {self.dp_size}, micro-batches/step {self.num_micro})")
+
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
+            overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+            overlap_param_gather=cfg.parallel.overlap_param_gather,
+            use_distributed_optimizer=cfg.parallel.distributed_optimizer,
+            # Per-token loss: gradients are summed, then divided by the global token count.
+            average_in_collective=False,
+        )
+        self.model: List[torch.nn.Module] = []
+        for i, chunk in enumerate(built.chunks):
+            if torch.cuda.is_available():
+                chunk.cuda(torch.cuda.current_device())
+            wrapped = DistributedDataParallel(
+                config=self.tf_config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            )
+            wrapped.broadcast_params()  # identical replicas across data-parallel ranks
+            self.model.append(wrapped)
+
+        c = self.tf_config
+        c.finalize_model_grads_func = finalize_model_grads
+        no_sync = [m.no_sync for m in self.model]
+        c.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if cfg.parallel.overlap_grad_reduce:
+            sync = [m.start_grad_sync for m in self.model]
+            c.grad_sync_func = sync[0] if len(sync) == 1 else sync
+        if cfg.parallel.overlap_param_gather and cfg.parallel.distributed_optimizer:
+            psync = [m.start_param_sync for m in self.model]
+            c.param_sync_func = psync[0] if len(psync) == 1 else psync
+
+        self.optimizer = build_optimizer(cfg, self.model, self.dtype)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.state = ckpt_lib.TrainState()
+        self._maybe_load()
+
+        self.objective = build_objective(cfg.training.objective)
+        self._build_data()
+
+        self.gpu = cfg.logging.gpu or detect_gpu()
+        self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
+        self.writer: Optional[MetricsWriter] = None
+        if self.env.rank == 0:
+            log_dir = cfg.logging.dir or str(Path(cfg.checkpoint.dir) / "logs")
+            self.writer = MetricsWriter(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+
+    def _maybe_load(self) -> None:
+        cfg = self.cfg.checkpoint
+        source = None
+        if cfg.load:
+            source, full = Path(cfg.load), True
+        elif cfg.resume:
+            source, full = ckpt_lib.latest_checkpoint(cfg.dir), True
+            if source is None:
+                print_rank0(f"resume: no complete checkpoint in {cfg.dir}; starting from scratch")
+        if source is None and cfg.init_from:
+            source, full = Path(cfg.init_from), False
+        if source is None:
+            return
+        self.state = ckpt_lib.load_checkpoint(source, self.model, self.optimizer, self.scheduler, load_optimizer=full)
+        if not full:
+            self.state.lineage = ckpt_lib.read_meta(source).get("lineage", []) + [
+                {"init_from": str(source), "iteration": ckpt_lib.read_meta(source)["iteration"]}
+            ]
+        what = "resumed" if full else "initialised weights"
+        print_rank0(f"{what} from {source} (iteration {self.state.iteration}, "
+                    f"consumed samples {self.state.consumed_train_samples})")
+
+    def _build_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.training
+        train_samples = t.steps * t.global_batch_size
+        valid_samples = t.eval_steps * t.global_batch_size if t.eval_interval > 0 else 0
+        self.train_ds, self.valid_ds, _ = gpt_data.build_datasets(cfg, train_samples, valid_samples)
+        self.dataset_names = gpt_data.dataset_names(self.train_ds)
+        self.train_iters = self._iterators(self.train_ds, train_samples, self.state.consumed_train_samples)
+
+    def _iterators(self, dataset, total: int, consumed: int):
+        """One iterator per model chunk (interleaved pipelining reads data per chunk)."""
+        sampler = gpt_data.MicroBatchSampler(total, consumed, self.cfg.training.micro_batch_size,
+                                             self.dp_rank, self.dp_size)
+        its = [gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers) for _ in self.model]
+        return its[0] if len(its) == 1 else its
+
+    # ------------------------------------------------------------------------------ steps
+    def _forward_backward(self, data_iterator, forward_only: bool) -> Dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        seq = self.cfg.data.seq_length
+        store = get_forward_backward_func()(
+            forward_step_func=self.objective.forward_step,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=self.num_micro,
+            seq_length=seq,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            decoder_seq_length=seq,
+            forward_only=forward_only,
+        )
+        return self._reduce_metrics(store)
+
+    def _reduce_metrics(self, store: List[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+        """Sum metric tensors over micro-batches and data-parallel ranks; every rank gets them.
+
+        Only the last pipeline stage has losses, and tensor-parallel replicas hold the same
+        values, so one rank per replica group contributes."""
+        from megatron.core import parallel_state as ps
+
+        keys = sorted({k for d in store for k in d} | {"loss_sum", "tokens"})
+        names = ["loss_sum", "tokens"] + [f"tokens_ds{i}" for i in range(len(self.dataset_names))]
+        vec = torch.zeros(len(names), dtype=torch.float64)
+        contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+        if contributes:
+            for d in store:
+                for i, name in enumerate(names):
+                    if name in d:
+                        vec[i] += float(d[name])
+        unknown = [k for k in keys if k not in names]
+        if unknown:
+            raise RuntimeError(f"objective produced metrics the loop cannot reduce: {unknown}")
+        if torch.cuda.is_available():
+            vec = vec.cuda()
+        dist.all_reduce(vec)
+        return dict(zip(names, vec.cpu().tolist()))
+
+    def train_step(self) -> Dict[str, float]:
+        """One optimizer step over one global batch; returns the step's metrics."""
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        sums = self._forward_backward(self.train_iters, forward_only=False)
+        metrics = self.objective.finalize_metrics(sums)
+        metrics["sums"] = sums
+        if not math.isfinite(metrics["loss"]):
+            return metrics  # the caller checkpoints the (intact) state and stops
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics["grad_norm"] = grad_norm
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    def evaluate(self) -> float:
+        """Validation loss over ``training.eval_steps`` global batches (the same ones every time)."""
+        t = self.cfg.training
+        for m in self.model:
+            m.eval()
+        its = self._iterators(self.valid_ds, t.eval_steps * t.global_batch_size, 0)
+        loss_sum = tokens = 0.0
+        with torch.no_grad():
+            for _ in range(t.eval_steps):
+                sums = self._forward_backward(its, forward_only=True)
+                loss_sum += sums["loss_sum"]
+                tokens += sums["tokens"]
+        for m in self.model:
+            m.train()
+        return loss_sum / max(tokens, 1.0)
+
+    # -------------------------------------------------------------------------------- run
+    def save(self) -> Path:
+        """Checkpoint the current state (all ranks must call)."""
+        c = self.cfg.checkpoint
+        path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
+                                        self.cfg.to_yaml(), save_optimizer=c.save_optimizer, keep=c.keep)
+        print_rank0(f"saved checkpoint {path}")
+        return path
+
+    def fit(self) -> ckpt_lib.TrainState:
+        """Train until ``training.steps``; checkpoint at the interval and at the end."""
+        cfg, t = self.cfg, self.cfg.training
+        tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        ds_tokens = [0.0] * len(self.dataset_names)
+        world = self.env.world_size
+        for m in self.model:
+            m.train()
+        while self.state.iteration < t.steps:
+            start = time.perf_counter()
+            metrics = self.train_step()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            sums = metrics.pop("sums")
+            if not math.isfinite(metrics["loss"]):
+                self._stop_on_nonfinite(metrics["loss"])
+            self.state.iteration += 1
+            self.state.consumed_train_samples += t.global_batch_size
+            for i in range(len(ds_tokens)):
+                ds_tokens[i] += sums.get(f"tokens_ds{i}", 0.0)
+            metrics.update(
+                step_time=elapsed,
+                tokens_per_s=tokens_per_step / elapsed,
+                tokens_per_s_per_gpu=tokens_per_step / elapsed / world,
+                peak_mem_gib=peak_memory_gib(),
+                consumed_samples=self.state.consumed_train_samples,
+            )
+            precision = "bf16" if self.dtype == torch.bfloat16 else ("fp16" if self.dtype == torch.float16 else "fp32")
+            metrics["mfu"] = mfu(metrics["tokens_per_s_per_gpu"], self.flops_token, self.gpu, precision)
+            if len(ds_tokens) > 1:
+                total = sum(ds_tokens) or 1.0
+                for i, name in enumerate(self.dataset_names):
+                    metrics[f"share/{name}"] = ds_tokens[i] / total
+            step = self.state.iteration
+            if self.writer is not None:
+                self.writer.write(step, metrics)
+            if step % cfg.logging.interval == 0 or step == 1 or step == t.steps:
+                line = format_line(step, t.steps, metrics)
+                if len(ds_tokens) > 1:
+                    line += " | share " + ", ".join(
+                        f"{n} {100 * metrics[f'share/{n}']:.1f}%" for n in self.dataset_names)
+                print_rank0(line)
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
+                val = self.evaluate()
+                print_rank0(f"validation at step {step}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+                if self.writer is not None:
+                    self.writer.write(step, {"loss": val}, prefix="valid")
+            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step != t.steps:
+                self.save()
+        self.save()
+        if self.writer is not None:
+            self.writer.close()
+        return self.state
+
+    def _stop_on_nonfinite(self, loss: float) -> None:
+        path = self.save() if self.cfg.training.exit_on_nonfinite else None
+        raise NonFiniteLossError(
+            f"loss is {loss} at step {self.state.iteration + 1}; the optimizer step was skipped"
+            + (f" and the state before it saved to {path}" if path else "")
+            + ". Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
+        )
