@@ -53,7 +53,8 @@ class RawChunk:
     """A batch of undecoded records from one file, in order.
 
     ``records`` holds bytes (JSONL/text lines) or str/None (parquet cells);
-    ``lines[i]`` is the 1-based line (or row) number of ``records[i]``.
+    ``lines[i]`` is the 1-based line (or row) number of ``records[i]``; ``nbytes``
+    counts the input bytes the chunk consumed (for progress and throughput).
     """
 
     path: str
@@ -110,32 +111,34 @@ def open_binary(path: Union[str, os.PathLike]) -> io.BufferedIOBase:
     return open(path, "rb")
 
 
-def _iter_line_records(path: Path, text_docs: str) -> Iterator[Tuple[int, bytes]]:
-    """(line number, raw record) for JSONL and plain-text files."""
+def _iter_line_records(path: Path, text_docs: str) -> Iterator[Tuple[int, bytes, int]]:
+    """(line number, raw record, bytes consumed) for JSONL and plain-text files."""
     with open_binary(path) as f:
         if text_docs == TEXT_DOC_FILE:
-            yield 1, f.read()
+            data = f.read()
+            yield 1, data, len(data)
             return
         if text_docs == TEXT_DOC_BLANK:
             buf: List[bytes] = []
-            start = 0
+            start = consumed = 0
             for n, line in enumerate(f, 1):
+                consumed += len(line)
                 if line.strip(b" \t\r\n"):
                     if not buf:
                         start = n
                     buf.append(line)
                 elif buf:
-                    yield start, b"".join(buf).rstrip(b"\r\n")
-                    buf = []
-            if buf:
-                yield start, b"".join(buf).rstrip(b"\r\n")
+                    yield start, b"".join(buf).rstrip(b"\r\n"), consumed
+                    buf, consumed = [], 0
+            if buf or consumed:
+                yield start, b"".join(buf).rstrip(b"\r\n"), consumed
             return
         for n, line in enumerate(f, 1):
-            yield n, line.rstrip(b"\r\n")
+            yield n, line.rstrip(b"\r\n"), len(line)
 
 
-def _iter_parquet_records(path: Path, json_key: str, batch_rows: int) -> Iterator[Tuple[int, Optional[str]]]:
-    """(1-based row number, cell) for a parquet column, one row group batch at a time."""
+def _iter_parquet_records(path: Path, json_key: str, batch_rows: int) -> Iterator[Tuple[int, Optional[str], int]]:
+    """(1-based row number, cell, its size) for a parquet column, one batch at a time."""
     try:
         import pyarrow.parquet as pq
     except ImportError as exc:
@@ -147,7 +150,7 @@ def _iter_parquet_records(path: Path, json_key: str, batch_rows: int) -> Iterato
     for batch in pf.iter_batches(batch_size=batch_rows, columns=[json_key]):
         for value in batch.column(0).to_pylist():
             row += 1
-            yield row, value
+            yield row, value, len(value.encode("utf-8", "surrogatepass")) if isinstance(value, str) else 0
 
 
 def iter_raw_chunks(
@@ -165,13 +168,14 @@ def iter_raw_chunks(
             records = _iter_parquet_records(path, json_key, chunk_records)
         else:
             records = _iter_line_records(path, text_docs if fmt == TEXT else TEXT_DOC_LINE)
-        for line, rec in records:
-            # Blank JSONL lines are formatting, not records (a trailing newline, say).
-            if fmt == JSONL and not rec.strip():
+        for line, rec, consumed in records:
+            chunk.nbytes += consumed
+            # Blank lines in JSONL are formatting, not records (a trailing newline, say);
+            # in blank-separated text the trailing blank lines come as an empty record.
+            if fmt != PARQUET and not rec.strip(b" \t\r\n") and (fmt == JSONL or text_docs == TEXT_DOC_BLANK):
                 continue
             chunk.records.append(rec)
             chunk.lines.append(line)
-            chunk.nbytes += len(rec.encode("utf-8")) if isinstance(rec, str) else len(rec or b"")
             if chunk.nbytes >= chunk_bytes or len(chunk.records) >= chunk_records:
                 yield chunk
                 chunk = RawChunk(str(path), fmt, json_key)

@@ -76,17 +76,25 @@ def iter_training_sentences(
     stats["skipped"] = skipped
 
 
-def _quantize_unigram_scores(model_bytes: bytes) -> bytes:
-    """Round normal pieces' scores to :data:`UNIGRAM_SCORE_QUANTUM` (see its comment)."""
+def _finish_model(model_bytes: bytes, quantize: bool) -> bytes:
+    """Make the model reproducible and HF-exact.
+
+    Clears the temporary paths SentencePiece records in the proto (so the content hash
+    depends only on data and settings) and, for Unigram, rounds normal pieces' scores to
+    :data:`UNIGRAM_SCORE_QUANTUM` (see its comment).
+    """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
     proto = pb.ModelProto()
     proto.ParseFromString(model_bytes)
-    q = UNIGRAM_SCORE_QUANTUM
-    for piece in proto.pieces:
-        if piece.type == pb.ModelProto.SentencePiece.NORMAL:
-            piece.score = round(piece.score / q) * q
-    return proto.SerializeToString()
+    proto.trainer_spec.model_prefix = ""
+    proto.normalizer_spec.normalization_rule_tsv = ""
+    if quantize:
+        q = UNIGRAM_SCORE_QUANTUM
+        for piece in proto.pieces:
+            if piece.type == pb.ModelProto.SentencePiece.NORMAL:
+                piece.score = round(piece.score / q) * q
+    return proto.SerializeToString(deterministic=True)
 
 
 def train_tokenizer(
@@ -104,7 +112,7 @@ def train_tokenizer(
     normalization: str = DEFAULT_NORMALIZATION,
     max_sentence_length: int = 16384,
     seed: int = 1234,
-    num_threads: Optional[int] = None,
+    num_threads: int = 8,
     text_docs: str = readers.TEXT_DOC_LINE,
 ) -> dict:
     """Train a tokenizer on ``inputs`` (files or globs) and write it to ``output_dir``.
@@ -144,7 +152,9 @@ def train_tokenizer(
             unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
             user_defined_symbols=special_tokens,
             max_sentence_length=max_sentence_length,
-            num_threads=num_threads or os.cpu_count() or 1,
+            # Fixed, not os.cpu_count(): SentencePiece's result depends on the thread
+            # count, and the same command should give the same tokenizer everywhere.
+            num_threads=num_threads,
             # A small corpus may not support the requested size; train what it supports.
             hard_vocab_limit=False,
             minloglevel=2,
@@ -159,9 +169,7 @@ def train_tokenizer(
         spm.set_random_generator_seed(seed)
         spm.SentencePieceTrainer.train(**options)
 
-        model_bytes = (tmp / "sp.model").read_bytes()
-        if model_type == "unigram":
-            model_bytes = _quantize_unigram_scores(model_bytes)
+        model_bytes = _finish_model((tmp / "sp.model").read_bytes(), quantize=model_type == "unigram")
         (tmp / MODEL_FILE).write_bytes(model_bytes)
         from engine.data.tokenizer_hf import write_hf_tokenizer
 
@@ -191,6 +199,7 @@ def train_tokenizer(
             "max_sentence_length": max_sentence_length,
             "unigram_score_quantum": UNIGRAM_SCORE_QUANTUM if model_type == "unigram" else None,
             "seed": seed,
+            "num_threads": num_threads,
             "json_key": json_key,
             "inputs": [str(f) for f in files],
             "training_documents": stats.get("documents", 0),
