@@ -34,6 +34,13 @@ the transformers model class itself (instantiated on the ``meta`` device). A map
 forgets a tensor, or leaves a target tensor to random initialisation, raises
 ``ConversionError`` listing the offending keys.
 
+In-memory vs on-disk Hugging Face layouts: ``megatron_to_hf`` produces the transformers
+model's in-memory ``state_dict()`` (transformers 5: Mixtral experts fused into
+``mlp.experts.gate_up_proj`` / ``down_proj``; a tied ``lm_head.weight`` listed). To publish,
+load it into the model and call ``save_pretrained``, which writes the hub layout (tied head
+dropped, Mixtral experts as ``block_sparse_moe.experts.<e>.w1/w2/w3``).
+``hf_to_megatron`` accepts both layouts.
+
 Vocabulary padding: megatron's embedding (and untied output layer) has
 ``padded_vocab_size(model_cfg)`` rows; Hugging Face gets the first ``model_cfg.vocab_size``
 rows, and the import pads back with zero rows.
@@ -612,7 +619,7 @@ _LEGACY_MIXTRAL = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(gate\.w
 def _normalize_hf_keys(hf_state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
     """Accept the on-disk checkpoint forms too: a tied ``lm_head.weight`` may be absent (as
     ``save_pretrained`` writes it), and Mixtral's per-expert ``block_sparse_moe`` layout
-    (transformers 4 / hub checkpoints) is fused into transformers 5's ``gate_up_proj``."""
+    (hub checkpoints, and what transformers 5's ``save_pretrained`` writes) is fused into transformers 5's ``gate_up_proj``."""
     tensors = {k: v for k, v in hf_state_dict.items()}
     if hf_family(model_cfg) != "mixtral" or not any(".block_sparse_moe." in k for k in tensors):
         return tensors
