@@ -15,8 +15,10 @@ from models import hf_convert as hc
 TOL = 1e-4
 BATCH, SEQ = 2, 32
 
-LLAMA = ("model.preset=tiny-llama", "model.num_attention_heads=8")  # GQA 8 heads : 2 groups
-GPT2 = ("model.preset=tiny-gpt2",)
+# Vocab sizes off the padding multiple (128) so the strip/re-pad of padding rows is exercised.
+LLAMA = ("model.preset=tiny-llama", "model.num_attention_heads=8", "model.vocab_size=250")  # GQA 8:2
+LLAMA_UNTIED = ("model.preset=tiny-llama", "model.tie_embeddings=false", "model.vocab_size=200")
+GPT2 = ("model.preset=tiny-gpt2", "model.vocab_size=200")
 MOE = ("model.preset=tiny-moe", "model.sliding_window=0")
 MOE_WINDOW_ALL = ("model.preset=tiny-moe", "model.sliding_window_layers=all")  # window 16 < SEQ
 
@@ -59,8 +61,8 @@ def _params(sd):
 
 @pytest.mark.parametrize(
     "overrides",
-    [LLAMA, GPT2, MOE, MOE_WINDOW_ALL],
-    ids=["llama-gqa8x2", "gpt2", "mixtral", "mixtral-window-all"],
+    [LLAMA, LLAMA_UNTIED, GPT2, MOE, MOE_WINDOW_ALL],
+    ids=["llama-gqa8x2", "llama-untied", "gpt2", "mixtral", "mixtral-window-all"],
 )
 def test_logits_match_transformers(build_megatron, overrides, record_property):
     cfg, model = build_megatron(overrides)
@@ -133,11 +135,17 @@ def _zero_padding(sd, cfg):
     return sd
 
 
-@pytest.mark.parametrize("overrides", [LLAMA, GPT2, MOE], ids=["llama-gqa8x2", "gpt2", "mixtral"])
+@pytest.mark.parametrize(
+    "overrides", [LLAMA, LLAMA_UNTIED, GPT2, MOE], ids=["llama-gqa8x2", "llama-untied", "gpt2", "mixtral"]
+)
 def test_round_trip_is_exact(build_megatron, overrides):
     cfg, model = build_megatron(overrides)
     original = _zero_padding(model.state_dict(), cfg)
-    back = hc.hf_to_megatron(hc.megatron_to_hf(model.state_dict(), cfg.model), cfg.model)
+    hf_sd = hc.megatron_to_hf(model.state_dict(), cfg.model)
+    assert hf_sd["lm_head.weight"].shape[0] == cfg.model.vocab_size
+    if overrides is not MOE:  # these variants have padding rows to strip and re-add
+        assert original["embedding.word_embeddings.weight"].shape[0] > cfg.model.vocab_size
+    back = hc.hf_to_megatron(hf_sd, cfg.model)
     assert set(back) == set(original)
     assert set(back) == {n for n, _ in model.named_parameters()}
     for k, v in original.items():
