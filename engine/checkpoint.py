@@ -76,8 +76,13 @@ def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
 
+def _unwrap(chunk):
+    """The GPTModel inside a DDP wrapper: checkpoints hold the model's own key names."""
+    return getattr(chunk, "module", chunk)
+
+
 def _model_sharded_state_dict(chunks) -> Dict[str, Any]:
-    return {_model_key(i, len(chunks)): c.sharded_state_dict() for i, c in enumerate(chunks)}
+    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
 def _rng_sharded_object(is_loading: bool):
@@ -163,7 +168,7 @@ def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_opt
         sd["rng_state"] = _rng_sharded_object(is_loading=True)
     loaded = dist_checkpointing.load(sd, str(ckpt))
     for i, c in enumerate(chunks):
-        c.load_state_dict(loaded[_model_key(i, len(chunks))])
+        _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))])
     if not full:
         if optimizer is not None:
             optimizer.reload_model_params()  # fp32 master copies from the loaded weights

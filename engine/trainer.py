@@ -134,7 +134,7 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
-        train_samples = t.steps * t.global_batch_size
+        train_samples = max(t.steps, 1) * t.global_batch_size
         valid_samples = t.eval_steps * t.global_batch_size if t.eval_interval > 0 else 0
         self.train_ds, self.valid_ds, _ = gpt_data.build_datasets(cfg, train_samples, valid_samples)
         self.dataset_names = gpt_data.dataset_names(self.train_ds)
@@ -144,7 +144,8 @@ class Trainer:
         """One iterator per model chunk (interleaved pipelining reads data per chunk)."""
         sampler = gpt_data.MicroBatchSampler(total, consumed, self.cfg.training.micro_batch_size,
                                              self.dp_rank, self.dp_size)
-        its = [gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers) for _ in self.model]
+        its = [gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers, self.env.device)
+               for _ in self.model]
         return its[0] if len(its) == 1 else its
 
     # ------------------------------------------------------------------------------ steps
@@ -221,11 +222,15 @@ class Trainer:
         return loss_sum / max(tokens, 1.0)
 
     # -------------------------------------------------------------------------------- run
-    def save(self) -> Path:
-        """Checkpoint the current state (all ranks must call)."""
+    def save(self) -> Optional[Path]:
+        """Checkpoint the current state (all ranks must call); None when checkpoints are off."""
         c = self.cfg.checkpoint
+        if not c.enabled:
+            return None
+        # Before the first step the optimizer holds no state: such a checkpoint is weights only.
+        with_optimizer = c.save_optimizer and self.state.iteration > 0
         path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
-                                        self.cfg.to_yaml(), save_optimizer=c.save_optimizer, keep=c.keep)
+                                        self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep)
         print_rank0(f"saved checkpoint {path}")
         return path
 

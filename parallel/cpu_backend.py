@@ -85,6 +85,26 @@ def _tensor_type(self, dtype=None, non_blocking=False, **kwargs):
 _ORIG_TENSOR_TYPE = torch.Tensor.type
 
 
+_TAG_FORWARD, _TAG_BACKWARD = 1, 2
+
+
+def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
+                            group, prev_pipeline_rank, next_pipeline_rank):
+    """megatron-core's batched pipeline p2p with a gloo tag per direction (see activate())."""
+    dist = torch.distributed
+    ops = []
+    # Activations flow forward (send_next -> recv_prev), gradients backward (send_prev -> recv_next).
+    for op, tensor, peer, tag in (
+        (dist.isend, tensor_send_prev, prev_pipeline_rank, _TAG_BACKWARD),
+        (dist.irecv, tensor_recv_prev, prev_pipeline_rank, _TAG_FORWARD),
+        (dist.isend, tensor_send_next, next_pipeline_rank, _TAG_FORWARD),
+        (dist.irecv, tensor_recv_next, next_pipeline_rank, _TAG_BACKWARD),
+    ):
+        if tensor is not None:
+            ops.append(dist.P2POp(op, tensor, peer, group, tag))
+    return dist.batch_isend_irecv(ops) if ops else []
+
+
 def activate() -> List[str]:
     """Redirect megatron-core's CUDA assumptions to the CPU (idempotent).
 
@@ -149,6 +169,15 @@ def activate() -> List[str]:
         except ImportError:  # pragma: no cover - module layout differs in other versions
             pass
         _active.append("MoE: te_general_gemm=None, all_to_all split sizes as numpy")
+
+        # 7. Pipeline p2p: with 2 pipeline ranks (a ring) under interleaving, a rank sends an
+        #    activation and a gradient to the same peer in one batch. NCCL keeps the pairs
+        #    apart; gloo matches sends to receives by (peer, tag) in posting order and would
+        #    swap the two equally-shaped tensors. Distinct tags per direction keep them apart.
+        import megatron.core.pipeline_parallel.p2p_communication as p2p
+
+        p2p._batched_p2p_ops = _tagged_batched_p2p_ops
+        _active.append("pipeline p2p: one gloo tag per direction")
 
         log.warning(
             "CPU backend ACTIVE (development/CI only, not a production path): %s", "; ".join(_active)

@@ -22,6 +22,8 @@ def run(args: argparse.Namespace) -> int:
     from parallel.setup import shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # megatron-core logs every bucket and dataset index at INFO; keep its warnings only.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
     try:

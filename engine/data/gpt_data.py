@@ -162,13 +162,17 @@ def _collate(samples: List[Dict]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def micro_batches(dataset, sampler: MicroBatchSampler, num_workers: int = 0) -> Iterator[Dict[str, torch.Tensor]]:
-    """Iterator of collated micro-batches (dicts of tensors) in sampler order."""
+def micro_batches(dataset, sampler: MicroBatchSampler, num_workers: int = 0,
+                  device: torch.device = torch.device("cpu")) -> Iterator[Dict[str, torch.Tensor]]:
+    """Iterator of collated micro-batches (dicts of tensors on ``device``) in sampler order."""
+    on_gpu = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-        persistent_workers=num_workers > 0,
+        persistent_workers=num_workers > 0, pin_memory=on_gpu,
     )
-    return iter(loader)
+    if not on_gpu:
+        return iter(loader)
+    return ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in loader)
 
 
 def dataset_names(dataset) -> List[str]:

@@ -1,0 +1,93 @@
+"""Shared test fixtures: a synthetic indexed dataset and a launcher for real engine runs.
+
+Multi-rank tests start the real CLI under ``torch.distributed.run`` (several CPU processes
+over gloo on a free port) and read the per-step metrics the engine wrote."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running; deselect with -m 'not slow'")
+
+
+def write_synthetic_dataset(prefix: Path, num_docs: int = 400, seed: int = 0, vocab: int = 250) -> Path:
+    """Documents of arithmetic token sequences (learnable) + EOS 0, via megatron-core's builder."""
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+    for _ in range(num_docs):
+        length = int(rng.integers(20, 200))
+        start, step = rng.integers(1, vocab), rng.integers(1, 5)
+        tokens = (start + step * np.arange(length)) % vocab + 1
+        builder.add_item(torch.tensor(np.append(tokens, 0).astype(np.int64)))
+        builder.end_document()
+    builder.finalize(str(prefix) + ".idx")
+    return prefix
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(tmp_path_factory) -> str:
+    """Prefix of a 400-document synthetic dataset shared by the session."""
+    d = tmp_path_factory.mktemp("data")
+    return str(write_synthetic_dataset(d / "synthetic"))
+
+
+def base_config(data_prefix: str, run_dir: Path, preset: str = "tiny-llama") -> Dict:
+    """A small, fast config all engine-run tests start from."""
+    return {
+        "model": {"preset": preset},
+        "data": {"paths": [data_prefix], "seq_length": 64, "split": "90,5,5",
+                 "cache_dir": str(run_dir.parent / "data_cache")},
+        "training": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 1},
+        "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
+        "schedule": {"warmup_steps": 1},
+        "precision": {"dtype": "fp32"},
+        "logging": {"interval": 1, "tensorboard": False},
+        "checkpoint": {"dir": str(run_dir)},
+    }
+
+
+def run_engine(config: Dict, nproc: int = 1, overrides: Sequence[str] = (), timeout: int = 300,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m engine train`` on ``nproc`` CPU processes; returns the finished process."""
+    from parallel.setup import free_port
+
+    run_dir = Path(config["checkpoint"]["dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = run_dir / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(config))
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "engine", "train", str(cfg_path), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "engine", "train", str(cfg_path), *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def step_metrics(run_dir: Path, split: str = "train") -> List[Dict]:
+    """Per-step metric records the engine wrote to ``<run_dir>/logs/metrics.jsonl``."""
+    path = Path(run_dir) / "logs" / "metrics.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["split"] == split]
+
+
+def losses(run_dir: Path) -> List[float]:
+    """Per-step training losses of a run."""
+    return [r["loss"] for r in step_metrics(run_dir)]
