@@ -85,6 +85,14 @@ def _model_sharded_state_dict(chunks) -> Dict[str, Any]:
     return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _layout() -> Dict[str, int]:
+    """Model-parallel shape of this job (RNG state is per (PP, TP) rank)."""
+    from megatron.core import parallel_state as ps
+
+    return {"tensor": ps.get_tensor_model_parallel_world_size(),
+            "pipeline": ps.get_pipeline_model_parallel_world_size()}
+
+
 def _rng_sharded_object(is_loading: bool):
     """Per-rank RNG state (CPU, CUDA, megatron's tracker) as a ShardedObject."""
     from megatron.core import parallel_state as ps
@@ -103,6 +111,53 @@ def _rng_sharded_object(is_loading: bool):
     return ShardedObject(
         "rng_state", state, shape, (pp, tp), replica_id=ps.get_data_parallel_rank(with_context_parallel=True)
     )
+
+
+def _prepare_optimizer_for_load(optimizer) -> None:
+    """Make a fresh megatron-core distributed optimizer loadable on the torch-AdamW path.
+
+    Without TransformerEngine/apex, megatron-core 0.16.1 uses torch's AdamW, which creates
+    its state lazily at the first step, and keeps a per-parameter ``step`` tensor that the
+    "fully_reshardable" format does not store (it stores ``step`` in the param groups).
+    So: (1) allocate the state with megatron-core's own dummy-values initialiser at lr 0
+    (every value is overwritten by the load), and (2) let the per-parameter copy skip
+    ``step``, which ``load_state_dict`` has already restored from the param groups."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not hasattr(opt, "_init_optimizer_states_with_dummy_values"):
+            continue
+        groups = opt.optimizer.param_groups
+        lrs = [g["lr"] for g in groups]
+        for g in groups:
+            g["lr"] = 0.0
+        opt._init_optimizer_states_with_dummy_values()
+        for g, lr in zip(groups, lrs):
+            g["lr"] = lr
+
+        original_set = opt._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _opt=opt, _set=original_set):
+            if "step" not in tensors:
+                group_index, group_order = _opt.model_param_group_index_map[model_param]
+                main_param = _opt.optimizer.param_groups[group_index]["params"][group_order]
+                step = _opt.optimizer.state[main_param].get("step")
+                if step is not None:
+                    tensors = {**tensors, "step": step}  # copies onto itself: unchanged
+            _set(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """After a load, give every parameter its own ``step`` tensor.
+
+    megatron-core 0.16.1 (torch-AdamW path) assigns one shared ``step`` tensor to all
+    parameters; AdamW increments it in place per parameter, which would corrupt the bias
+    correction from the second resumed step on."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for state in getattr(inner, "state", {}).values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, scheduler, config_yaml: str,
@@ -134,6 +189,7 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
         meta = {
             **asdict(state),
             "has_optimizer": bool(save_optimizer and optimizer is not None),
+            "layout": _layout(),
             "format": "megatron-core dist_checkpointing",
         }
         (tmp / "config.yaml").write_text(config_yaml)
@@ -164,8 +220,14 @@ def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_opt
     if full:
         if not meta.get("has_optimizer"):
             raise ValueError(f"{ckpt} was saved without optimizer state; it can only initialise weights")
+        _prepare_optimizer_for_load(optimizer)
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=True, metadata=_SHARDING)
-        sd["rng_state"] = _rng_sharded_object(is_loading=True)
+        same_layout = meta.get("layout") == _layout()
+        if same_layout:
+            sd["rng_state"] = _rng_sharded_object(is_loading=True)
+        elif dist.get_rank() == 0:
+            log.warning("checkpoint layout %s differs from this job's %s: RNG state not restored "
+                        "(weights, optimizer state and data position are)", meta.get("layout"), _layout())
     loaded = dist_checkpointing.load(sd, str(ckpt))
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))])
@@ -174,12 +236,14 @@ def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_opt
             optimizer.reload_model_params()  # fp32 master copies from the loaded weights
         return TrainState()
     optimizer.load_state_dict(loaded["optimizer"])
+    _unshare_adam_steps(optimizer)
     scheduler.load_state_dict(loaded["scheduler"])
-    rng = loaded["rng_state"]
-    torch.set_rng_state(rng["cpu"])
-    if rng.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    from megatron.core import tensor_parallel
+    rng = loaded.get("rng_state") if same_layout else None
+    if rng is not None:
+        from megatron.core import tensor_parallel
 
-    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
+        torch.set_rng_state(rng["cpu"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
     return TrainState(**loaded["train_state"])
