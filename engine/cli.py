@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 from typing import List, Optional
 
 # Modules that contribute sub-commands, in the order they appear in --help.
 COMMAND_MODULES = [
     "engine.commands.train",
     "engine.commands.info",
+    "engine.commands.config",
     "engine.data.commands",
 ]
 
@@ -37,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen command; returns the process exit code."""
+    # megatron-core warns at every import that TE/apex are absent; the engine logs once
+    # which layer implementation it uses instead.
+    for notice in (".*Transformer Engine and Apex are not installed.*", "Apex is not installed.*"):
+        warnings.filterwarnings("ignore", message=notice)
     from engine.config import ConfigError
 
     args = build_parser().parse_args(argv)

@@ -136,7 +136,7 @@ def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = N
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
             share_embeddings_and_output_weights=cfg.model.tie_embeddings,
             position_embedding_type=cfg.model.position_embedding,
-            rotary_base=int(cfg.model.rotary_base),
+            rotary_base=cfg.model.rotary_base,  # a float theta must not be truncated
             vp_stage=vp_stage,
         )
         chunks.append(model)

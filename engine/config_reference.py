@@ -1,0 +1,50 @@
+"""The config reference, generated from the dataclasses' field docstrings (never hand-written,
+so it cannot drift from the code). ``python -m engine config --reference`` prints it; the
+README embeds it and a test checks the two agree."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+import typing
+from typing import Dict, List
+
+from engine import config as config_module
+
+
+def field_docs(cls) -> Dict[str, str]:
+    """Map field name -> the string literal written right after it in the class body."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _type_name(tp) -> str:
+    text = str(tp).replace("typing.", "")
+    return text if not isinstance(tp, type) else tp.__name__
+
+
+def reference_markdown() -> str:
+    """Markdown tables of every config section: key, type, default, meaning."""
+    lines: List[str] = []
+    root = config_module.Config()
+    for f in dataclasses.fields(config_module.Config):
+        section = getattr(root, f.name)
+        cls = type(section)
+        lines.append(f"### `{f.name}` — {' '.join(inspect.getdoc(cls).split())}")
+        lines.append("")
+        lines.append("| key | type | default | meaning |")
+        lines.append("| --- | --- | --- | --- |")
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for sub in dataclasses.fields(cls):
+            default = getattr(section, sub.name)
+            lines.append(f"| `{f.name}.{sub.name}` | `{_type_name(hints[sub.name])}` | `{default!r}` | "
+                         f"{docs.get(sub.name, '').replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
