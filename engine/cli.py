@@ -39,9 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen command; returns the process exit code."""
-    # megatron-core warns at every import that TE/apex are absent; the engine logs once
-    # which layer implementation it uses instead.
-    for notice in (".*Transformer Engine and Apex are not installed.*", "Apex is not installed.*"):
+    # megatron-core warns at every import that TE/apex are absent (the engine logs once which
+    # layer implementation it uses instead), and its internals trip torch deprecation notices
+    # a user cannot act on.
+    for notice in (
+        ".*Transformer Engine and Apex are not installed.*",
+        "Apex is not installed.*",
+        "The .grad attribute of a Tensor that is not a leaf Tensor.*",
+        ".*torch.distributed.(reduce_scatter_tensor|all_gather_into_tensor). is deprecated.*",
+        "Please use DTensor instead and we are deprecating ShardedTensor.*",
+        ".*`load_state_dict` is deprecated.*",
+        "full scope is deprecated.*",
+    ):
         warnings.filterwarnings("ignore", message=notice)
     from engine.config import ConfigError
 

@@ -32,19 +32,6 @@ def _perturb(model: torch.nn.Module, seed: int) -> None:
 
 
 @pytest.fixture(scope="session")
-def megatron_single_rank():
-    """Initialise torch.distributed (gloo, world size 1) and megatron's groups at TP=PP=1."""
-    from engine.config import load_config
-    from parallel.setup import init_distributed, init_model_parallel, shutdown
-
-    cfg = load_config(None, ["model.preset=tiny-llama"])
-    init_distributed(cfg.parallel)
-    init_model_parallel(cfg.parallel, seed=1234)
-    yield
-    shutdown()
-
-
-@pytest.fixture(scope="session")
 def build_megatron(megatron_single_rank) -> Callable[[Sequence[str]], Tuple[object, torch.nn.Module]]:
     """Return ``build(overrides) -> (cfg, model)``: a fp32 CPU GPTModel in eval mode.
 
