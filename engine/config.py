@@ -188,8 +188,6 @@ class TrainingConfig:
     """Sequences per forward pass on one rank."""
     seed: int = 1234
     """Seed of weight initialisation and dropout."""
-    objective: str = "pretrain"
-    """Training objective (``pretrain``)."""
     eval_interval: int = 0
     """Steps between validation runs; 0 disables validation."""
     eval_steps: int = 2
@@ -198,6 +196,14 @@ class TrainingConfig:
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     exit_on_nonfinite: bool = True
     """Stop (after saving a checkpoint) when the loss becomes NaN or Inf."""
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the model is trained to do; each name is one object in ``engine/objectives``."""
+
+    name: str = "pretrain"
+    """Objective: ``pretrain`` (next-token loss on every token)."""
 
 
 @dataclass
@@ -259,6 +265,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -417,7 +424,6 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "schedule.decay_style": ("cosine", "linear", "constant"),
     "training.recompute": ("none", "selective", "full"),
-    "training.objective": ("pretrain",),
     "precision.dtype": ("auto", "bf16", "fp16", "fp32"),
 }
 
@@ -433,6 +439,10 @@ def validate(cfg: Config, world_size: int) -> None:
     errors: List[str] = []
     m, p, t = cfg.model, cfg.parallel, cfg.training
 
+    from engine.objectives import OBJECTIVES
+
+    if cfg.objective.name not in OBJECTIVES:
+        errors.append(f"objective.name is {cfg.objective.name!r}; choose one of {', '.join(OBJECTIVES)}")
     for dotted, choices in _CHOICES.items():
         section, key = dotted.split(".")
         value = getattr(getattr(cfg, section), key)

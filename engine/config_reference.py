@@ -48,3 +48,21 @@ def reference_markdown() -> str:
                          f"{docs.get(sub.name, '').replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
+
+
+def embedded_reference(text: str) -> str:
+    """The reference embedded in a Markdown text between the markers."""
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def update_readme(path: str) -> None:
+    """Replace the reference between the markers of ``path`` with the current one."""
+    from pathlib import Path
+
+    p = Path(path)
+    head, rest = p.read_text().split(START, 1)
+    _, tail = rest.split(END, 1)
+    p.write_text(head + START + "\n" + reference_markdown() + END + tail)

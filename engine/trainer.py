@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
-from engine.config import Config, ConfigError, validate
+from engine.callbacks import build_callbacks
+from engine.config import Config, validate
 from engine.data import gpt_data
+from engine.data.builders import build_training_data
 from engine.metrics import (MetricsWriter, detect_gpu, flops_per_token, format_line, mfu,
                             peak_memory_gib, print_rank0)
 from engine.objectives import build_objective
@@ -30,6 +32,14 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or Inf; the state before the bad step has been checkpointed."""
+
+
+class StopTraining(Exception):
+    """A callback asked the run to stop early (after checkpointing); carries the exit code."""
+
+    def __init__(self, exit_code: int, reason: str):
+        super().__init__(reason)
+        self.exit_code = exit_code
 
 
 class Trainer:
@@ -100,8 +110,10 @@ class Trainer:
         self.state = ckpt_lib.TrainState()
         self._maybe_load()
 
-        self.objective = build_objective(cfg.training.objective)
+        self.objective = build_objective(cfg)
         self._build_data()
+        self.callbacks = build_callbacks(cfg)
+        self._stop = None
 
         self.gpu = cfg.logging.gpu or detect_gpu()
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
@@ -136,8 +148,8 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.training
         train_samples = max(t.steps, 1) * t.global_batch_size
         valid_samples = t.eval_steps * t.global_batch_size if t.eval_interval > 0 else 0
-        self.train_ds, self.valid_ds, _ = gpt_data.build_datasets(cfg, train_samples, valid_samples)
-        self.dataset_names = gpt_data.dataset_names(self.train_ds)
+        data = build_training_data(self.objective.data_kind, cfg, train_samples, valid_samples)
+        self.train_ds, self.valid_ds, self.dataset_names = data.train, data.valid, data.source_names
         self.train_iters = self._iterators(self.train_ds, train_samples, self.state.consumed_train_samples)
 
     def _iterators(self, dataset, total: int, consumed: int):
@@ -172,8 +184,8 @@ class Trainer:
         values, so one rank per replica group contributes."""
         from megatron.core import parallel_state as ps
 
-        keys = sorted({k for d in store for k in d} | {"loss_sum", "tokens"})
-        names = ["loss_sum", "tokens"] + [f"tokens_ds{i}" for i in range(len(self.dataset_names))]
+        keys = sorted({k for d in store for k in d})
+        names = list(self.objective.metric_names) + [f"tokens_ds{i}" for i in range(len(self.dataset_names))]
         vec = torch.zeros(len(names), dtype=torch.float64)
         contributes = ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
         if contributes:
@@ -221,6 +233,10 @@ class Trainer:
             m.train()
         return loss_sum / max(tokens, 1.0)
 
+    def request_stop(self, exit_code: int, reason: str) -> None:
+        """Ask the loop to checkpoint and stop after the current step (for callbacks)."""
+        self._stop = (exit_code, reason)
+
     # -------------------------------------------------------------------------------- run
     def save(self) -> Optional[Path]:
         """Checkpoint the current state (all ranks must call); None when checkpoints are off."""
@@ -242,7 +258,11 @@ class Trainer:
         world = self.env.world_size
         for m in self.model:
             m.train()
+        for cb in self.callbacks:
+            cb.on_train_start(self)
         while self.state.iteration < t.steps:
+            for cb in self.callbacks:
+                cb.on_step_start(self, self.state.iteration + 1)
             start = time.perf_counter()
             metrics = self.train_step()
             if torch.cuda.is_available():
@@ -282,12 +302,23 @@ class Trainer:
                 print_rank0(f"validation at step {step}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
                 if self.writer is not None:
                     self.writer.write(step, {"loss": val}, prefix="valid")
+            for cb in self.callbacks:
+                cb.on_step_end(self, step, metrics)
+            if self._stop is not None and step != t.steps:
+                self._finish()
+                raise StopTraining(*self._stop)
             if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step != t.steps:
                 self.save()
+        self._finish()
+        return self.state
+
+    def _finish(self) -> None:
+        """Final checkpoint, callbacks' end hooks, close the metric sinks."""
         self.save()
+        for cb in self.callbacks:
+            cb.on_train_end(self)
         if self.writer is not None:
             self.writer.close()
-        return self.state
 
     def _stop_on_nonfinite(self, loss: float) -> None:
         path = self.save() if self.cfg.training.exit_on_nonfinite else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -29,13 +28,6 @@ class DistEnv:
     local_rank: int
     backend: str
     device: torch.device
-
-
-def free_port() -> int:
-    """An unused TCP port on localhost."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def world_size_from_env() -> int:
@@ -58,14 +50,15 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
         if "MASTER_ADDR" not in os.environ:
             if world != 1:
                 raise RuntimeError("WORLD_SIZE > 1 but MASTER_ADDR is unset: start with torchrun or srun")
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(free_port())
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            # One process: an in-memory store, so no port can be taken by someone else.
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     return DistEnv(dist.get_rank(), dist.get_world_size(), local_rank, backend, device)
 

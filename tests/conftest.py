@@ -77,8 +77,6 @@ def base_config(data_prefix: str, run_dir: Path, preset: str = "tiny-llama") -> 
 def run_engine(config: Dict, nproc: int = 1, overrides: Sequence[str] = (), timeout: int = 300,
                check: bool = True) -> subprocess.CompletedProcess:
     """Run ``python -m engine train`` on ``nproc`` CPU processes; returns the finished process."""
-    from parallel.setup import free_port
-
     run_dir = Path(config["checkpoint"]["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "config.yaml"
@@ -86,8 +84,9 @@ def run_engine(config: Dict, nproc: int = 1, overrides: Sequence[str] = (), time
     if nproc == 1:
         cmd = [sys.executable, "-m", "engine", "train", str(cfg_path), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "engine", "train", str(cfg_path), *overrides]
+        # --standalone: torchrun picks a free rendezvous port itself (no race with other runs).
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "engine", "train", str(cfg_path), *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

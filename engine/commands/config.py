@@ -12,6 +12,7 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--reference", action="store_true", help="print every key, type, default and meaning (Markdown)")
     p.add_argument("--world-size", type=int, default=1, help="validate the layout for this many ranks")
+    p.add_argument("--update-readme", metavar="README", help="rewrite the reference between the config-reference markers of this file")
     p.set_defaults(func=run)
 
 
@@ -19,10 +20,14 @@ def run(args: argparse.Namespace) -> int:
     """Print the reference or the validated resolved config."""
     from engine.config import load_config, validate
 
-    if args.reference:
-        from engine.config_reference import reference_markdown
+    if args.reference or args.update_readme:
+        from engine.config_reference import reference_markdown, update_readme
 
-        print(reference_markdown(), end="")
+        if args.update_readme:
+            update_readme(args.update_readme)
+            print(f"updated the config reference in {args.update_readme}")
+        else:
+            print(reference_markdown(), end="")
         return 0
     cfg = load_config(args.config, args.overrides)
     validate(cfg, args.world_size)

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, and tear down the process groups."""
     from engine.config import load_config
-    from engine.trainer import NonFiniteLossError, Trainer
+    from engine.trainer import NonFiniteLossError, StopTraining, Trainer
     from parallel.setup import shutdown
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -31,6 +31,9 @@ def run(args: argparse.Namespace) -> int:
     except NonFiniteLossError as exc:
         print(f"error: {exc}", flush=True)
         return 3
+    except StopTraining as exc:
+        print(f"stopped: {exc}", flush=True)
+        return exc.exit_code
     finally:
         shutdown()
     return 0

@@ -1,8 +1,9 @@
 """Training objectives: each one turns a micro-batch into a loss and metrics.
 
-The loop never branches on the stage; it asks ``build_objective(name)`` for an object with
-``forward_step(data_iterator, model)`` (megatron-core's forward-step contract) and
-``reduce_metrics``.
+The loop never branches on the stage; it asks ``build_objective(cfg)`` for an object with
+``forward_step(data_iterator, model)`` (megatron-core's forward-step contract),
+``metric_names`` and ``finalize_metrics``, and builds the data the objective names in
+``data_kind`` (see ``engine/data/builders.py``).
 """
 from engine.objectives.base import Objective
 from engine.objectives.pretrain import PretrainObjective
@@ -10,6 +11,6 @@ from engine.objectives.pretrain import PretrainObjective
 OBJECTIVES = {"pretrain": PretrainObjective}
 
 
-def build_objective(name: str) -> Objective:
-    """The objective registered under ``name``."""
-    return OBJECTIVES[name]()
+def build_objective(cfg) -> Objective:
+    """The objective named by ``cfg.objective.name``, built from the config."""
+    return OBJECTIVES[cfg.objective.name](cfg)

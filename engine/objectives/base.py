@@ -1,7 +1,7 @@
 """The objective interface the training loop calls."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -11,12 +11,20 @@ class Objective:
 
     ``forward_step(data_iterator, model)`` returns ``(output, loss_func)``; on the last
     pipeline stage megatron-core calls ``loss_func(output)``, which returns
-    ``(loss_sum, num_tokens, metrics)``: the loss *summed* over this micro-batch's valid
-    tokens, their count (megatron-core divides the gradients by the global count), and a
-    dict of tensors to be summed over micro-batches and data-parallel ranks.
+    ``(loss_sum, num_units, metrics)``: the loss *summed* over this micro-batch (over valid
+    tokens, or pairs), the count it is to be normalised by (megatron-core divides the
+    gradients by the global count), and a dict of scalar tensors named in
+    ``metric_names`` that the loop sums over micro-batches and data-parallel ranks.
     ``finalize_metrics`` turns those sums into the numbers that get logged."""
 
     name = "objective"
+    data_kind = "pretrain"
+    """Which data builder feeds this objective (``engine.data.builders.DATA_BUILDERS``)."""
+    metric_names: Tuple[str, ...] = ("loss_sum", "tokens")
+    """Summed metrics every loss_func returns (per-dataset token counts come on top)."""
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
 
     def forward_step(self, data_iterator, model) -> Tuple[torch.Tensor, Callable]:
         raise NotImplementedError
@@ -24,3 +32,14 @@ class Objective:
     def finalize_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
         """Logged metrics from the summed metric tensors of one global batch."""
         raise NotImplementedError
+
+    @staticmethod
+    def dataset_token_counts(dataset_id: Optional[torch.Tensor], loss_mask: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``tokens_ds<i>``: loss tokens drawn from each blended dataset (the realised mixture)."""
+        counts: Dict[str, torch.Tensor] = {}
+        if dataset_id is None:
+            return counts
+        for ds, n in zip(dataset_id.tolist(), loss_mask.sum(dim=1).tolist()):
+            key = f"tokens_ds{int(ds)}"
+            counts[key] = counts.get(key, torch.zeros((), dtype=torch.float64)) + n
+        return counts

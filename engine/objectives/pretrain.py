@@ -33,11 +33,7 @@ class PretrainObjective(Objective):
         loss_sum = (losses * loss_mask).sum()
         num_tokens = loss_mask.sum().to(torch.int)
         metrics = {"loss_sum": loss_sum.detach().clone(), "tokens": loss_mask.sum().detach()}
-        if dataset_id is not None:
-            # Tokens drawn from each blended dataset, to log the realised mixture.
-            for ds, n in zip(dataset_id.tolist(), loss_mask.sum(dim=1).tolist()):
-                key = f"tokens_ds{int(ds)}"
-                metrics[key] = metrics.get(key, torch.zeros(())) + n
+        metrics.update(self.dataset_token_counts(dataset_id, loss_mask))
         return loss_sum, num_tokens, metrics
 
     def finalize_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:

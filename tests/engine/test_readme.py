@@ -4,18 +4,14 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from engine.config_reference import reference_markdown
+from engine.config_reference import embedded_reference, reference_markdown
 
 README = Path(__file__).resolve().parents[2] / "README.md"
-START, END = "<!-- config-reference:start -->", "<!-- config-reference:end -->"
 
 
 def test_config_reference_matches_code():
-    text = README.read_text()
-    embedded = text.split(START, 1)[1].split(END, 1)[0].strip()
-    assert embedded == reference_markdown().strip(), (
-        "README config reference is stale: regenerate with "
-        "`python -m engine config --reference` between the config-reference markers")
+    assert embedded_reference(README.read_text()) == reference_markdown().strip(), (
+        "README config reference is stale: run `python -m engine config --update-readme README.md`")
 
 
 def test_two_commands_at_top_and_ci_uses_the_test_command():
