@@ -171,7 +171,7 @@ class Trainer:
             model=self.model,
             num_microbatches=self.num_micro,
             seq_length=seq,
-            micro_batch_size=self.cfg.training.micro_batch_size,
+            micro_batch_size=self.cfg.training.micro_batch_size * self.objective.sequences_per_sample,
             decoder_seq_length=seq,
             forward_only=forward_only,
         )
@@ -253,7 +253,7 @@ class Trainer:
     def fit(self) -> ckpt_lib.TrainState:
         """Train until ``training.steps``; checkpoint at the interval and at the end."""
         cfg, t = self.cfg, self.cfg.training
-        tokens_per_step = t.global_batch_size * cfg.data.seq_length
+        tokens_per_step = t.global_batch_size * self.objective.sequences_per_sample * cfg.data.seq_length
         ds_tokens = [0.0] * len(self.dataset_names)
         world = self.env.world_size
         for m in self.model:

@@ -22,6 +22,9 @@ class Objective:
     """Which data builder feeds this objective (``engine.data.builders.DATA_BUILDERS``)."""
     metric_names: Tuple[str, ...] = ("loss_sum", "tokens")
     """Summed metrics every loss_func returns (per-dataset token counts come on top)."""
+    sequences_per_sample: int = 1
+    """Sequences one sample puts through the model (2 for a chosen/rejected pair); the
+    pipeline's activation shapes and the tokens/s figures scale with it."""
 
     def __init__(self, cfg=None):
         self.cfg = cfg
