@@ -21,7 +21,15 @@ class Callback:
     def on_train_end(self, trainer) -> None:
         """After the last step and the final checkpoint (also on a requested stop)."""
 
+    def on_exception(self, trainer, exc: BaseException) -> None:
+        """A training step raised ``exc`` (e.g. out of memory); the loop re-raises it afterwards."""
+
 
 def build_callbacks(cfg) -> List[Callback]:
-    """The callbacks the config asks for (none by default)."""
-    return []
+    """The callbacks the config asks for: signal handling (always), profiling (``profile.*``)."""
+    from engine.preemption import PreemptionHandler
+    from engine.profiling import profiling_callbacks
+
+    callbacks: List[Callback] = [PreemptionHandler(cfg.preemption.signals, cfg.preemption.exit_code)]
+    callbacks.extend(profiling_callbacks(cfg))
+    return callbacks

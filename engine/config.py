@@ -211,9 +211,64 @@ class PrecisionConfig:
     """Numeric formats of parameters, activations and gradient reductions."""
 
     dtype: str = "auto"
-    """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16`` or ``fp32``."""
+    """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``, or ``fp8`` (bf16
+    parameters and activations, transformer-layer GEMMs in FP8 through TransformerEngine; see
+    ``engine/precision.py``)."""
     grad_reduce_in_fp32: bool = True
     """Accumulate and reduce gradients in fp32."""
+    fp8_recipe: str = "auto"
+    """FP8 scaling recipe with ``dtype: fp8``: ``auto`` (``mxfp8`` on Blackwell, compute
+    capability 10.x; ``tensorwise`` on Hopper with TE >= 2.2, else ``delayed``), ``mxfp8``
+    (32-value block scales, Blackwell only), ``tensorwise`` (per-tensor current scaling),
+    ``delayed`` (per-tensor amax history) or ``blockwise`` (1x128/128x128 block scales)."""
+    fp8_format: str = "auto"
+    """FP8 formats: ``e4m3`` everywhere, ``hybrid`` (E5M2 for gradients) or ``auto`` (e4m3
+    for mxfp8/blockwise, hybrid for the per-tensor recipes)."""
+    fp8_param: bool = False
+    """Keep the GEMM weights themselves in FP8 (megatron-core ``fp8_param``: saves memory;
+    the optimizer still holds fp32 master weights)."""
+    first_last_layers_bf16: bool = False
+    """Run the first ``num_layers_at_start_in_bf16`` and last ``num_layers_at_end_in_bf16``
+    transformer layers in bf16 instead of FP8 (not with the delayed recipe)."""
+    num_layers_at_start_in_bf16: int = 1
+    """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
+    num_layers_at_end_in_bf16: int = 1
+    """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
+
+
+@dataclass
+class ProfileConfig:
+    """Profiling windows (Nsight Systems, torch.profiler) and out-of-memory snapshots."""
+
+    start_step: int = 0
+    """First step inside the profiling window (``cudaProfilerStart`` before it); 0 means no window."""
+    end_step: int = 0
+    """Last step inside the window (``cudaProfilerStop`` after it); 0 means ``start_step``."""
+    ranks: List[int] = field(default_factory=lambda: [0])
+    """Global ranks that open the window (an empty list means every rank)."""
+    nvtx: bool = True
+    """Emit NVTX ranges (forward-backward, optimizer, data, checkpoint) on CUDA for Nsight."""
+    torch_profiler: bool = False
+    """Also record the window with ``torch.profiler``: a Chrome trace and a table of the top
+    kernels/ops in ``<profile.dir>``."""
+    top_ops: int = 25
+    """Rows of the top kernels/ops table printed and written by ``torch_profiler``."""
+    dir: Optional[str] = None
+    """Where traces, tables and memory snapshots go; None means ``<checkpoint.dir>/profile``."""
+    memory_snapshot_on_oom: bool = False
+    """Record CUDA allocator history and write a memory snapshot (``.pickle``, for
+    pytorch.org/memory_viz) when a step runs out of GPU memory."""
+
+
+@dataclass
+class PreemptionConfig:
+    """Stopping cleanly when the scheduler asks (SLURM preemption, time limit warnings)."""
+
+    signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
+    """Signals that make the run finish the current step, checkpoint and exit with ``exit_code``."""
+    exit_code: int = 75
+    """Exit code of a run stopped by a signal (75 = EX_TEMPFAIL: try again later); the SLURM
+    scripts requeue the job when they see it."""
 
 
 @dataclass
@@ -253,6 +308,10 @@ class CheckpointConfig:
     and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
+    lock: bool = True
+    """Hold an exclusive lock (``<dir>/.engine.lock``, flock by rank 0) for the whole run, so
+    two jobs never write the same run directory."""
+
 
 
 @dataclass
@@ -267,6 +326,8 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -424,7 +485,7 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "schedule.decay_style": ("cosine", "linear", "constant"),
     "training.recompute": ("none", "selective", "full"),
-    "precision.dtype": ("auto", "bf16", "fp16", "fp32"),
+    "precision.dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
 }
 
 
@@ -540,6 +601,20 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append(f"training.steps must be >= 0, got {t.steps}")
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
+    from engine.precision import check_fp8_config
+
+    errors.extend(check_fp8_config(cfg))
+    pf = cfg.profile
+    if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
+        errors.append(f"profile.start_step ({pf.start_step}) and profile.end_step ({pf.end_step}) must "
+                      f"satisfy 0 <= start_step <= end_step")
+    if pf.torch_profiler and not pf.start_step:
+        errors.append("profile.torch_profiler needs a window: set profile.start_step (and profile.end_step)")
+    import signal as _signal
+
+    for name in cfg.preemption.signals:
+        if not isinstance(getattr(_signal, name, None), _signal.Signals):
+            errors.append(f"preemption.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     if errors:
         raise ConfigError("; ".join(errors))
 

@@ -26,6 +26,8 @@ from engine.data.builders import build_training_data
 from engine.metrics import (MetricsWriter, detect_gpu, flops_per_token, format_line, mfu,
                             peak_memory_gib, print_rank0)
 from engine.objectives import build_objective
+from engine.precision import mfu_precision
+from engine.profiling import NvtxIterator, nvtx_range
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,10 @@ class Trainer:
         # Sizes are checked against the launcher's world size before any group exists.
         validate(cfg, world_size_from_env())
         self.env = init_distributed(cfg.parallel)
+        # Before anything is written to the run directory: one job per directory.
+        from engine.run_lock import acquire_for_run
+
+        self.run_lock = acquire_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock)
         init_model_parallel(cfg.parallel, cfg.training.seed)
         self._build()
 
@@ -156,7 +162,7 @@ class Trainer:
         """One iterator per model chunk (interleaved pipelining reads data per chunk)."""
         sampler = gpt_data.MicroBatchSampler(total, consumed, self.cfg.training.micro_batch_size,
                                              self.dp_rank, self.dp_size)
-        its = [gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers, self.env.device)
+        its = [NvtxIterator(gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers, self.env.device))
                for _ in self.model]
         return its[0] if len(its) == 1 else its
 
@@ -206,13 +212,15 @@ class Trainer:
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
-        sums = self._forward_backward(self.train_iters, forward_only=False)
+        with nvtx_range("forward-backward"):
+            sums = self._forward_backward(self.train_iters, forward_only=False)
         metrics = self.objective.finalize_metrics(sums)
         metrics["sums"] = sums
         if not math.isfinite(metrics["loss"]):
             return metrics  # the caller checkpoints the (intact) state and stops
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        with nvtx_range("optimizer-step"):
+            ok, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=1)
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
@@ -245,8 +253,9 @@ class Trainer:
             return None
         # Before the first step the optimizer holds no state: such a checkpoint is weights only.
         with_optimizer = c.save_optimizer and self.state.iteration > 0
-        path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
-                                        self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep)
+        with nvtx_range("checkpoint"):
+            path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
+                                            self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep)
         print_rank0(f"saved checkpoint {path}")
         return path
 
@@ -264,7 +273,12 @@ class Trainer:
             for cb in self.callbacks:
                 cb.on_step_start(self, self.state.iteration + 1)
             start = time.perf_counter()
-            metrics = self.train_step()
+            try:
+                metrics = self.train_step()
+            except Exception as exc:  # e.g. torch.OutOfMemoryError: let callbacks record it
+                for cb in self.callbacks:
+                    cb.on_exception(self, exc)
+                raise
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
@@ -282,7 +296,7 @@ class Trainer:
                 peak_mem_gib=peak_memory_gib(),
                 consumed_samples=self.state.consumed_train_samples,
             )
-            precision = "bf16" if self.dtype == torch.bfloat16 else ("fp16" if self.dtype == torch.float16 else "fp32")
+            precision = mfu_precision(self.tf_config, self.dtype)
             metrics["mfu"] = mfu(metrics["tokens_per_s_per_gpu"], self.flops_token, self.gpu, precision)
             if len(ds_tokens) > 1:
                 total = sum(ds_tokens) or 1.0
@@ -319,6 +333,7 @@ class Trainer:
             cb.on_train_end(self)
         if self.writer is not None:
             self.writer.close()
+        self.run_lock.release()
 
     def _stop_on_nonfinite(self, loss: float) -> None:
         path = self.save() if self.cfg.training.exit_on_nonfinite else None

@@ -19,10 +19,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 
 
 def resolve_dtype(name: str) -> torch.dtype:
-    """Map ``precision.dtype`` to a torch dtype; ``auto`` is bf16 on CUDA and fp32 on CPU."""
+    """Map ``precision.dtype`` to a torch dtype; ``auto`` is bf16 on CUDA and fp32 on CPU.
+
+    ``fp8`` keeps parameters and activations in bf16 (TransformerEngine runs the GEMMs in FP8)."""
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}[name]
 
 
 def window_layers(model: ModelConfig) -> Optional[List[int]]:
@@ -41,10 +43,12 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     recompute: str = "none",
     on_cpu: Optional[bool] = None,
+    fp8: Optional[dict] = None,
 ):
     """megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
 
-    On CPU the CUDA-only fusions are off and weights are initialised on the CPU."""
+    On CPU the CUDA-only fusions are off and weights are initialised on the CPU. ``fp8`` holds
+    the FP8 fields (``engine.precision.Fp8Settings.transformer_kwargs``), None for no FP8."""
     from megatron.core.transformer import TransformerConfig
 
     if on_cpu is None:
@@ -102,6 +106,8 @@ def transformer_config(
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
         kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    if fp8:
+        kwargs.update(fp8)
     return TransformerConfig(**kwargs)
 
 
@@ -119,10 +125,16 @@ def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = N
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from engine.precision import resolve_fp8
     from models.specs import layer_spec
 
-    tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute)
+    # Refuses FP8 without TE, or a recipe the GPU lacks, before any layer exists.
+    fp8 = resolve_fp8(cfg)
+    tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute,
+                                   fp8=fp8.transformer_kwargs() if fp8 else None)
     spec, description = layer_spec(cfg.model, use_te)
+    if fp8:
+        description += f"; {fp8.describe()}"
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for stage in range(vp or 1):
