@@ -1,0 +1,242 @@
+"""Chat templates: how a conversation becomes text, and which of its tokens are trained on.
+
+One template object per model family, chosen by name in ``data.chat_template`` (and given
+to ``python -m engine preprocess --chat-template``; the name is recorded in the dataset's
+sidecar and checked against the config at training time). SFT data, preference data,
+generation prompts and the Hugging Face export (:meth:`ChatTemplate.to_jinja`) all go
+through the same object, so the format cannot drift between stages (the seed runs used a
+different chat format in every stage).
+
+A template turns ``messages`` (``[{"role": "system"|"user"|"assistant", "content": str}]``)
+into :class:`Segment` s: pieces of text, each flagged whether it is trained on (assistant
+content and its end-of-turn marker) and whether it may be cut when a record is too long
+(non-assistant content only). ``eos`` segments stand for the tokenizer's EOS id, which is
+not text. Segments are tokenized one by one (the engine's SentencePiece models are trained
+without a dummy prefix, so this matches tokenizing the joined text up to merges across
+segment borders, and it is the same for training and generation).
+
+Templates:
+  * ``chatml`` (default): ``<|im_start|>role\\ncontent<|im_end|>\\n`` per message, EOS at the
+    end of the conversation; the generation prompt is ``<|im_start|>assistant\\n``.
+  * ``alpaca``: a preamble (the system message, or Alpaca's standard one, which differs
+    when the instruction has an input), ``### Instruction:``, optional ``### Input:``
+    (the ``input`` key of a user message), ``### Response:``; EOS ends every response.
+  * a path to a ``.jinja`` file: a user template rendered with ``messages`` and
+    ``add_generation_prompt`` (the Hugging Face convention). Segments are found by
+    rendering growing prefixes of the conversation, so the template must render a prefix
+    of the conversation as a prefix of the text.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+ROLES = ("system", "user", "assistant")
+
+
+class ChatTemplateError(ValueError):
+    """An unknown template, or messages the template cannot render."""
+
+
+@dataclass
+class Segment:
+    """A piece of a rendered conversation."""
+
+    text: str
+    loss: bool = False
+    """Trained on (assistant content, its end-of-turn marker, the EOS after it)."""
+    truncatable: bool = False
+    """May be shortened when the record is too long (non-assistant content)."""
+    eos: bool = False
+    """Stands for the tokenizer's EOS id (``text`` is empty)."""
+
+
+def check_messages(messages: Sequence[Dict]) -> List[Dict]:
+    """Validate roles and contents; returns the messages as plain dicts."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ChatTemplateError("messages must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ChatTemplateError(f"message {i} must be {{role: system|user|assistant, content: str}}, got {m!r}")
+        if m["role"] == "system" and i != 0:
+            raise ChatTemplateError(f"a system message must come first (message {i})")
+        out.append(dict(m))
+    return out
+
+
+class ChatTemplate:
+    """Base class: ``segments(messages, add_generation_prompt)`` is the one thing to define."""
+
+    name = "base"
+
+    def segments(self, messages: Sequence[Dict], add_generation_prompt: bool = False) -> List[Segment]:
+        raise NotImplementedError
+
+    def render(self, messages: Sequence[Dict], add_generation_prompt: bool = False, eos_text: str = "") -> str:
+        """The conversation as text (EOS shown as ``eos_text``)."""
+        return "".join(eos_text if s.eos else s.text for s in self.segments(messages, add_generation_prompt))
+
+    def encode(self, tokenizer, messages: Sequence[Dict], add_generation_prompt: bool = False):
+        """Token pieces ``[(ids, loss, truncatable)]`` of the conversation, in order."""
+        pieces = []
+        for seg in self.segments(messages, add_generation_prompt):
+            ids = [tokenizer.eod] if seg.eos else (tokenizer.encode(seg.text) if seg.text else [])
+            if ids:
+                pieces.append((list(ids), seg.loss, seg.truncatable))
+        return pieces
+
+    def generation_prompt_ids(self, tokenizer, messages: Sequence[Dict]) -> List[int]:
+        """Token ids to feed a model so that it writes the next assistant turn."""
+        return [t for ids, _, _ in self.encode(tokenizer, messages, add_generation_prompt=True) for t in ids]
+
+    def to_jinja(self) -> str:
+        """A Hugging Face ``chat_template`` string equivalent to this template (for export)."""
+        raise NotImplementedError
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the template in dataset sidecars (name, plus a hash of its source)."""
+        return f"{self.name}:{hashlib.sha256(self.to_jinja().encode()).hexdigest()[:12]}"
+
+
+class ChatMLTemplate(ChatTemplate):
+    """``<|im_start|>role\\ncontent<|im_end|>\\n``; EOS closes the conversation."""
+
+    name = "chatml"
+
+    def segments(self, messages, add_generation_prompt=False):
+        messages = check_messages(messages)
+        segs: List[Segment] = []
+        for m in messages:
+            is_asst = m["role"] == "assistant"
+            content = m["content"] + ("\n\n" + m["input"] if m.get("input") else "")
+            segs.append(Segment(f"<|im_start|>{m['role']}\n"))
+            segs.append(Segment(content, loss=is_asst, truncatable=not is_asst))
+            segs.append(Segment("<|im_end|>", loss=is_asst))
+            segs.append(Segment("\n"))
+        if add_generation_prompt:
+            segs.append(Segment("<|im_start|>assistant\n"))
+        else:
+            segs.append(Segment("", loss=messages[-1]["role"] == "assistant", eos=True))
+        return segs
+
+    def to_jinja(self) -> str:
+        return ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
+                         "further context. Write a response that appropriately completes the request.\n\n")
+
+
+class AlpacaTemplate(ChatTemplate):
+    """Stanford Alpaca's prompt, with and without ``### Input:``; EOS ends each response."""
+
+    name = "alpaca"
+
+    def segments(self, messages, add_generation_prompt=False):
+        messages = check_messages(messages)
+        segs: List[Segment] = []
+        if messages[0]["role"] == "system":
+            segs.append(Segment(messages[0]["content"] + "\n\n", truncatable=True))
+            messages = messages[1:]
+        else:
+            first_user = next((m for m in messages if m["role"] == "user"), {})
+            segs.append(Segment(ALPACA_PREAMBLE_INPUT if first_user.get("input") else ALPACA_PREAMBLE))
+        for m in messages:
+            if m["role"] == "user":
+                segs.append(Segment("### Instruction:\n"))
+                segs.append(Segment(m["content"], truncatable=True))
+                if m.get("input"):
+                    segs.append(Segment("\n\n### Input:\n"))
+                    segs.append(Segment(m["input"], truncatable=True))
+                segs.append(Segment("\n\n### Response:\n"))
+            elif m["role"] == "assistant":
+                segs.append(Segment(m["content"], loss=True))
+                segs.append(Segment("", loss=True, eos=True))
+                segs.append(Segment("\n\n"))
+            else:
+                raise ChatTemplateError("alpaca: a system message must come first")
+        if not add_generation_prompt and segs and segs[-1].text == "\n\n":
+            segs.pop()  # the conversation ends with the response's EOS
+        return segs
+
+    def to_jinja(self) -> str:
+        return ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+                "{% else %}" + ALPACA_PREAMBLE.replace("\n", "\\n").join(["{{ '", "' }}"]) + "{% endif %}"
+                "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+                "### Response:\n{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}\n\n"
+                "{% endif %}{% endfor %}")
+
+
+class JinjaTemplate(ChatTemplate):
+    """A user-supplied Jinja template (Hugging Face ``chat_template`` convention)."""
+
+    def __init__(self, source: str, name: str = "jinja"):
+        import jinja2
+
+        self.source = source
+        self.name = name
+        env = jinja2.Environment(undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+        self._template = env.from_string(source)
+
+    @classmethod
+    def from_file(cls, path: str) -> "JinjaTemplate":
+        p = Path(path)
+        if not p.is_file():
+            raise ChatTemplateError(f"chat template file {p} does not exist")
+        return cls(p.read_text(encoding="utf-8"), name=f"jinja:{p.name}")
+
+    def _render(self, messages, add_generation_prompt):
+        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                                     eos_token="", bos_token="")
+
+    def segments(self, messages, add_generation_prompt=False):
+        messages = check_messages(messages)
+        segs: List[Segment] = []
+        done = ""
+        for i, m in enumerate(messages):
+            full = self._render(messages[: i + 1], False)
+            if m["role"] == "assistant":
+                head = self._render(messages[:i], True) if i else self._render([], True)
+                if not (head.startswith(done) and full.startswith(head)):
+                    raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
+                segs.append(Segment(head[len(done):]))
+                segs.append(Segment(full[len(head):], loss=True))
+            else:
+                if not full.startswith(done):
+                    raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
+                part = full[len(done):]
+                at = part.rfind(m["content"]) if m["content"] else -1
+                if at < 0:
+                    segs.append(Segment(part))
+                else:  # only the content itself may be truncated, never the template's markers
+                    segs += [Segment(part[:at]), Segment(m["content"], truncatable=True),
+                             Segment(part[at + len(m["content"]):])]
+            done = full
+        if add_generation_prompt:
+            segs.append(Segment(self._render(messages, True)[len(done):]))
+        else:
+            segs.append(Segment("", loss=messages[-1]["role"] == "assistant", eos=True))
+        return [s for s in segs if s.text or s.eos]
+
+    def to_jinja(self) -> str:
+        return self.source
+
+
+BUILTIN = {"chatml": ChatMLTemplate, "alpaca": AlpacaTemplate}
+
+
+def get_chat_template(spec: Optional[str]) -> ChatTemplate:
+    """``chatml`` (also for None), ``alpaca``, or a path to a ``.jinja`` file."""
+    spec = spec or "chatml"
+    if spec in BUILTIN:
+        return BUILTIN[spec]()
+    if spec.endswith(".jinja") or Path(spec).is_file():
+        return JinjaTemplate.from_file(spec)
+    raise ChatTemplateError(f"unknown chat template {spec!r}: use chatml, alpaca or a path to a .jinja file")
