@@ -34,3 +34,80 @@ DATA_BUILDERS: Dict[str, Callable[..., TrainingData]] = {"pretrain": build_pretr
 def build_training_data(kind: str, cfg, train_samples: int, valid_samples: int) -> TrainingData:
     """Datasets for an objective whose ``data_kind`` is ``kind``."""
     return DATA_BUILDERS[kind](cfg, train_samples, valid_samples)
+
+
+def _chat_data(cfg, kind: str):
+    """The ``ChatIndexed`` of the single data path, checked against the config's template."""
+    from engine.config import ConfigError
+    from engine.data.chat_data import ChatIndexed
+    from engine.data.chat_template import get_chat_template
+
+    if len(cfg.data.paths) != 1:
+        raise ConfigError(f"objective {cfg.objective.name!r} reads exactly one {kind} dataset in data.paths "
+                          f"(got {len(cfg.data.paths)}); merge them with `python -m engine data merge`")
+    try:
+        data = ChatIndexed(cfg.data.paths[0], kind)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(str(exc)) from None
+    want = get_chat_template(cfg.data.chat_template)
+    if data.meta.get("chat_template_fingerprint") != want.fingerprint:
+        raise ConfigError(f"{cfg.data.paths[0]} was written with chat template "
+                          f"{data.meta.get('chat_template')!r} but data.chat_template is {cfg.data.chat_template!r}")
+    return data
+
+
+def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
+    """SFT conversations (packed or not), mixed with pretraining replay when
+    ``data.replay_ratio`` > 0; validation is SFT data only."""
+    import dataclasses
+    from pathlib import Path
+
+    from engine.data.chat_data import split_range
+    from engine.data.replay import ReplayMixture, interleave, replay_names
+    from engine.data.sft_data import SFTDataset
+    from engine.metrics import print_rank0
+
+    d = cfg.data
+    data = _chat_data(cfg, "sft")
+    pad = gpt_data.token_ids(cfg).eod
+    lo, hi = split_range(data.num_docs, d.split, 0)
+    name = Path(d.paths[0]).name
+    sft = SFTDataset(data, lo, hi, d.seq_length, train_samples, d.packing, d.seed, pad)
+    valid = None
+    if valid_samples:
+        vlo, vhi = split_range(data.num_docs, d.split, 1)
+        valid = SFTDataset(data, vlo, vhi, d.seq_length, valid_samples, d.packing, d.seed + 1, pad)
+    if d.replay_ratio <= 0:
+        return TrainingData(sft, valid, [name])
+    source = interleave(sft.loss_tokens, d.seq_length, d.replay_ratio, train_samples, d.replay_by)
+    num_replay = int(source.sum())
+    replay_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+        d, paths=list(d.replay_paths), weights=list(d.replay_weights) if d.replay_weights else None))
+    replay, _, _ = gpt_data.build_datasets(replay_cfg, max(num_replay, 1), 0)
+    mixture = ReplayMixture(sft, replay, source, len(d.replay_paths), with_attention_mask=d.packing)
+    print_rank0(f"replay: {d.replay_ratio:.0%} of training by {'loss tokens' if d.replay_by == 'tokens' else 'samples'} "
+                f"from {', '.join(d.replay_paths)} ({num_replay} of {train_samples} samples replayed)")
+    return TrainingData(mixture, valid, [name] + replay_names(gpt_data.dataset_names(replay)))
+
+
+def build_preference_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
+    """Chosen/rejected pairs of the single preference dataset in ``data.paths``."""
+    from pathlib import Path
+
+    from engine.data.chat_data import split_range
+    from engine.data.preference_data import PreferenceDataset
+
+    d = cfg.data
+    data = _chat_data(cfg, "preference")
+    pad = gpt_data.token_ids(cfg).eod
+    lo, hi = split_range(data.num_docs, d.split, 0)
+    train = PreferenceDataset(data, lo, hi, d.seq_length, train_samples, d.seed, pad)
+    valid = None
+    if valid_samples:
+        vlo, vhi = split_range(data.num_docs, d.split, 1)
+        # Validation reads the held-out pairs in order: the same pairs at every evaluation.
+        valid = PreferenceDataset(data, vlo, vhi, d.seq_length, valid_samples, d.seed, pad, shuffle=False)
+    return TrainingData(train, valid, [Path(d.paths[0]).name])
+
+
+DATA_BUILDERS.update(sft=build_sft_data, preference=build_preference_data)

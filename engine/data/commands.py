@@ -71,7 +71,13 @@ def register(subparsers) -> None:
     pre.add_argument("--skip-bad", action="store_true",
                      help="skip malformed / empty / non-UTF-8 records and count them in the sidecar")
     pre.add_argument("--shard-docs", type=int, default=0, help="start a new shard every N documents")
-    pre.add_argument("--kind", choices=("pretrain",), default="pretrain")
+    pre.add_argument("--kind", choices=("pretrain", "sft", "preference"), default="pretrain",
+                     help="pretrain: plain documents; sft: Alpaca or messages JSONL; "
+                          "preference: {prompt, chosen, rejected} JSONL (both with a loss mask)")
+    pre.add_argument("--chat-template", default="chatml",
+                     help="sft/preference: chatml, alpaca or a .jinja file (must match data.chat_template)")
+    pre.add_argument("--seq-length", type=int, default=2048,
+                     help="sft/preference: training sequence length; longer records are cut prompt-first")
     pre.add_argument("--no-progress", dest="progress", action="store_false")
     _add_text_docs(pre)
     pre.set_defaults(func=cmd_preprocess)
@@ -153,6 +159,7 @@ def cmd_preprocess(args) -> int:
             args.input, args.tokenizer, args.output_prefix, workers=args.workers,
             json_key=args.json_key, skip_bad=args.skip_bad, shard_docs=args.shard_docs,
             kind=args.kind, text_docs=args.text_docs, progress=args.progress,
+            chat_template=args.chat_template, seq_length=args.seq_length,
         )
     except (PreprocessError, BadRecord, InputError, TokenizerError, ValueError) as exc:
         return _error(f"{exc}\nno output written")

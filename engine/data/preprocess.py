@@ -22,7 +22,7 @@ from engine.data import readers
 from engine.data.indexed_writer import IndexedWriter, token_dtype
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
-KINDS = ("pretrain",)  # sft / preference are added by the SFT issue
+KINDS = ("pretrain", "sft", "preference")  # sft / preference: engine/data/preprocess_chat.py
 MAX_SKIPPED_EXAMPLES = 20
 
 
@@ -140,6 +140,8 @@ def preprocess(
     text_docs: str = readers.TEXT_DOC_LINE,
     chunk_bytes: int = 1 << 20,
     progress: bool = True,
+    chat_template: str = "chatml",
+    seq_length: int = 2048,
     _crash_worker_after: Optional[int] = None,
 ) -> dict:
     """Tokenize ``inputs`` into ``output_prefix`` (.bin/.idx/.json, or numbered shards).
@@ -150,6 +152,11 @@ def preprocess(
     """
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not supported yet (supported: {', '.join(KINDS)})")
+    if kind != "pretrain":
+        from engine.data.preprocess_chat import preprocess_chat
+
+        return preprocess_chat(inputs, tokenizer, output_prefix, kind, chat_template=chat_template,
+                               seq_length=seq_length, skip_bad=skip_bad)
     if shard_docs < 0:
         raise ValueError("--shard-docs must be >= 0")
     files = readers.expand_inputs(inputs)
