@@ -6,9 +6,12 @@ The loop never branches on the stage; it asks ``build_objective(cfg)`` for an ob
 ``data_kind`` (see ``engine/data/builders.py``).
 """
 from engine.objectives.base import Objective
+from engine.objectives.dpo import DPOObjective
+from engine.objectives.orpo import ORPOObjective
 from engine.objectives.pretrain import PretrainObjective
+from engine.objectives.sft import SFTObjective
 
-OBJECTIVES = {"pretrain": PretrainObjective}
+OBJECTIVES = {"pretrain": PretrainObjective, "sft": SFTObjective, "orpo": ORPOObjective, "dpo": DPOObjective}
 
 
 def build_objective(cfg) -> Objective:

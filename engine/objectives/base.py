@@ -25,9 +25,15 @@ class Objective:
     sequences_per_sample: int = 1
     """Sequences one sample puts through the model (2 for a chosen/rejected pair); the
     pipeline's activation shapes and the tokens/s figures scale with it."""
+    log_keys: Tuple[str, ...] = ()
+    """Finalized metrics appended to the printed log line (all of them go to metrics.jsonl)."""
 
     def __init__(self, cfg=None):
         self.cfg = cfg
+
+    def prepare(self, trainer) -> None:
+        """Called once after the model, checkpoint and data are built, before the first step
+        (e.g. DPO's reference log-probabilities). No-op by default."""
 
     def forward_step(self, data_iterator, model) -> Tuple[torch.Tensor, Callable]:
         raise NotImplementedError

@@ -1,0 +1,78 @@
+"""DPO (Rafailov et al. 2023) with sigmoid (label smoothing), IPO and hinge losses.
+
+The reference model's log-probabilities are computed once, before training, by a
+forward-only pass of the reference weights through this very objective (same model code,
+same masks, same reductions) and stored next to the dataset (:mod:`engine.objectives.reference`),
+so no second model sits in memory while training. With the policy initialised from the
+reference, the first step's sigmoid loss is ln 2 (up to the last bit of the log-prob sums).
+IPO uses length-averaged log-probabilities (as TRL does), sigmoid and hinge summed ones.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from engine.objectives.preference import PreferenceObjective
+from engine.objectives.preference_losses import dpo_terms, finalize_reward_metrics, reward_metric_sums
+
+
+class DPOObjective(PreferenceObjective):
+    """Direct preference optimisation against stored reference log-probabilities."""
+
+    name = "dpo"
+    metric_names = ("loss_sum", "pairs", "chosen_reward_sum", "rejected_reward_sum", "correct", "margin_sum",
+                    "logp_chosen_sum", "logp_rejected_sum")
+    log_keys = ("rewards/accuracies", "rewards/margins")
+
+    def __init__(self, cfg=None):
+        super().__init__(cfg)
+        o = cfg.objective if cfg is not None else None
+        self.beta = o.beta if o else 0.1
+        self.loss_type = o.dpo_loss if o else "sigmoid"
+        self.label_smoothing = o.label_smoothing if o else 0.0
+        self.reference: Optional[np.ndarray] = None
+        """[pairs, 2] reference log-prob sums (chosen, rejected) by pair index."""
+        self._collected: Optional[List] = None
+
+    # -- the reference pass ----------------------------------------------------------------
+    def prepare(self, trainer) -> None:
+        """Load (or compute and store) the reference log-probabilities of the dataset."""
+        from engine.objectives.reference import load_or_compute_reference
+
+        self.reference = load_or_compute_reference(trainer, self)
+
+    def start_collecting(self) -> None:
+        """Loss functions record (pair index, chosen, rejected log-prob sums) instead of a loss."""
+        self._collected = []
+
+    def stop_collecting(self) -> List:
+        out, self._collected = self._collected, None
+        return out
+
+    # -- the loss --------------------------------------------------------------------------
+    def pair_loss(self, batch, per_token, logp_sum, count):
+        if self._collected is not None:
+            self._collected.append((batch["pair_index"].cpu().numpy().copy(), logp_sum.detach().cpu().numpy()))
+            return torch.zeros(logp_sum.shape[0], dtype=torch.float64, device=logp_sum.device), {}
+        if self.reference is None:
+            raise RuntimeError("DPO reference log-probabilities were not prepared")
+        ref = torch.as_tensor(self.reference[batch["pair_index"].cpu().numpy()], dtype=torch.float64,
+                              device=logp_sum.device)
+        policy = logp_sum
+        if self.loss_type == "ipo":
+            policy, ref = logp_sum / count.clamp(min=1.0), ref / count.clamp(min=1.0)
+        terms = dpo_terms(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type,
+                          self.label_smoothing)
+        metrics = reward_metric_sums(terms)
+        metrics.update(logp_chosen_sum=logp_sum[:, 0].detach().sum(), logp_rejected_sum=logp_sum[:, 1].detach().sum())
+        return terms["loss"], metrics
+
+    def finalize_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
+        n = max(sums.get("pairs", 0.0), 1.0)
+        out = {"loss": sums.get("loss_sum", float("nan")) / n, "pairs": sums.get("pairs", 0.0),
+               "logps/chosen": sums.get("logp_chosen_sum", 0.0) / n,
+               "logps/rejected": sums.get("logp_rejected_sum", 0.0) / n}
+        out.update(finalize_reward_metrics(sums))
+        return out
