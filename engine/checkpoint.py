@@ -72,6 +72,27 @@ def read_meta(ckpt: Path) -> Dict[str, Any]:
     return json.loads((Path(ckpt) / META).read_text())
 
 
+def checkpoint_objective(ckpt: Path) -> Optional[str]:
+    """The objective (``pretrain``, ``sft``, ``orpo``, ``dpo``...) of the run that wrote ``ckpt``."""
+    meta = read_meta(ckpt)
+    if meta.get("objective"):
+        return meta["objective"]
+    cfg_file = Path(ckpt) / "config.yaml"
+    if cfg_file.is_file():
+        import yaml
+
+        return ((yaml.safe_load(cfg_file.read_text()) or {}).get("objective") or {}).get("name")
+    return None
+
+
+def read_lineage(ckpt: Path) -> List[Dict[str, Any]]:
+    """The stages that led to ``ckpt``, oldest first, ending with ``ckpt`` itself: each a dict
+    with the checkpoint path (``init_from``), its ``iteration`` and its ``objective``."""
+    meta = read_meta(ckpt)
+    return list(meta.get("lineage", [])) + [
+        {"init_from": str(ckpt), "iteration": meta.get("iteration"), "objective": checkpoint_objective(ckpt)}]
+
+
 def _model_key(i: int, n: int) -> str:
     return "model" if n == 1 else f"model{i}"
 
@@ -186,11 +207,14 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
     dist.barrier()
 
     if rank == 0:
+        import yaml
+
         meta = {
             **asdict(state),
             "has_optimizer": bool(save_optimizer and optimizer is not None),
             "layout": _layout(),
             "format": "megatron-core dist_checkpointing",
+            "objective": ((yaml.safe_load(config_yaml) or {}).get("objective") or {}).get("name"),
         }
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / META).write_text(json.dumps(meta, indent=2))  # its presence marks completeness

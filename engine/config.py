@@ -142,6 +142,20 @@ class DataConfig:
     """Seed of the dataset shuffles (independent of the model seed)."""
     num_workers: int = 0
     """DataLoader worker processes per rank."""
+    chat_template: str = "chatml"
+    """Chat template of SFT/preference data and generation: ``chatml``, ``alpaca`` or a path to a
+    ``.jinja`` file; must be the one the data was preprocessed with (checked against its sidecar)."""
+    packing: bool = True
+    """SFT: pack several conversations into one sequence (block-diagonal attention, positions
+    reset per conversation; torch-native attention spec only)."""
+    replay_paths: List[str] = field(default_factory=list)
+    """SFT: pretraining dataset prefixes replayed next to the SFT data (full loss mask)."""
+    replay_weights: Optional[List[float]] = None
+    """SFT: blend weights of ``replay_paths``; None means proportional to size."""
+    replay_ratio: float = 0.0
+    """SFT: target share of replayed data in training, e.g. 0.3; realised share is logged."""
+    replay_by: str = "tokens"
+    """SFT: what the replay ratio counts: ``tokens`` (loss tokens) or ``samples``."""
 
 
 @dataclass
@@ -203,7 +217,21 @@ class ObjectiveConfig:
     """What the model is trained to do; each name is one object in ``engine/objectives``."""
 
     name: str = "pretrain"
-    """Objective: ``pretrain`` (next-token loss on every token)."""
+    """Objective: ``pretrain`` (next-token loss on every token), ``sft`` (loss on assistant
+    tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs)."""
+    orpo_lambda: float = 0.25
+    """ORPO: weight of the odds-ratio term (TRL's ``beta``); rewards are reported as lambda x mean log-prob."""
+    nll_includes_prompt: bool = False
+    """ORPO: the NLL term also covers the prompt tokens of the chosen sequence (TRL's behaviour)."""
+    beta: float = 0.1
+    """DPO: inverse temperature of the implicit reward."""
+    dpo_loss: str = "sigmoid"
+    """DPO loss: ``sigmoid`` (with ``label_smoothing``), ``ipo`` or ``hinge``."""
+    label_smoothing: float = 0.0
+    """DPO sigmoid loss: assumed probability that a preference label is flipped (conservative DPO)."""
+    reference: Optional[str] = None
+    """DPO: reference checkpoint whose log-probabilities are computed once (forward only) and
+    stored next to the dataset; None means ``checkpoint.init_from``."""
 
 
 @dataclass
@@ -485,6 +513,8 @@ _CHOICES = {
     "parallel.backend": ("auto", "nccl", "gloo"),
     "schedule.decay_style": ("cosine", "linear", "constant"),
     "training.recompute": ("none", "selective", "full"),
+    "data.replay_by": ("tokens", "samples"),
+    "objective.dpo_loss": ("sigmoid", "ipo", "hinge"),
     "precision.dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
 }
 
@@ -599,6 +629,15 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append("data.paths is empty (give dataset prefixes, or data.mock=true for benchmarks)")
     if t.steps < 0:
         errors.append(f"training.steps must be >= 0, got {t.steps}")
+    if not 0.0 <= cfg.data.replay_ratio < 1.0:
+        errors.append(f"data.replay_ratio must be in [0, 1), got {cfg.data.replay_ratio}")
+    if cfg.data.replay_ratio > 0 and not cfg.data.replay_paths:
+        errors.append(f"data.replay_ratio is {cfg.data.replay_ratio} but data.replay_paths is empty")
+    if cfg.data.replay_weights is not None and len(cfg.data.replay_weights) != len(cfg.data.replay_paths):
+        errors.append(f"data.replay_weights has {len(cfg.data.replay_weights)} entries but data.replay_paths "
+                      f"has {len(cfg.data.replay_paths)}")
+    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
+        errors.append(f"objective.label_smoothing must be in [0, 0.5), got {cfg.objective.label_smoothing}")
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
     from engine.precision import check_fp8_config

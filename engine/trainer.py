@@ -118,6 +118,7 @@ class Trainer:
 
         self.objective = build_objective(cfg)
         self._build_data()
+        self.objective.prepare(self)
         self.callbacks = build_callbacks(cfg)
         self._stop = None
 
@@ -144,7 +145,8 @@ class Trainer:
         self.state = ckpt_lib.load_checkpoint(source, self.model, self.optimizer, self.scheduler, load_optimizer=full)
         if not full:
             self.state.lineage = ckpt_lib.read_meta(source).get("lineage", []) + [
-                {"init_from": str(source), "iteration": ckpt_lib.read_meta(source)["iteration"]}
+                {"init_from": str(source), "iteration": ckpt_lib.read_meta(source)["iteration"],
+                 "objective": ckpt_lib.checkpoint_objective(source)}
             ]
         what = "resumed" if full else "initialised weights"
         print_rank0(f"{what} from {source} (iteration {self.state.iteration}, "
@@ -225,21 +227,21 @@ class Trainer:
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
 
-    def evaluate(self) -> float:
-        """Validation loss over ``training.eval_steps`` global batches (the same ones every time)."""
+    def evaluate(self) -> Dict[str, float]:
+        """The objective's finalized metrics over ``training.eval_steps`` global batches of
+        validation data (the same ones every time): loss, and e.g. held-out preference accuracy."""
         t = self.cfg.training
         for m in self.model:
             m.eval()
         its = self._iterators(self.valid_ds, t.eval_steps * t.global_batch_size, 0)
-        loss_sum = tokens = 0.0
+        total: Dict[str, float] = {}
         with torch.no_grad():
             for _ in range(t.eval_steps):
-                sums = self._forward_backward(its, forward_only=True)
-                loss_sum += sums["loss_sum"]
-                tokens += sums["tokens"]
+                for key, value in self._forward_backward(its, forward_only=True).items():
+                    total[key] = total.get(key, 0.0) + value
         for m in self.model:
             m.train()
-        return loss_sum / max(tokens, 1.0)
+        return self.objective.finalize_metrics(total)
 
     def request_stop(self, exit_code: int, reason: str) -> None:
         """Ask the loop to checkpoint and stop after the current step (for callbacks)."""
@@ -307,15 +309,17 @@ class Trainer:
                 self.writer.write(step, metrics)
             if step % cfg.logging.interval == 0 or step == 1 or step == t.steps:
                 line = format_line(step, t.steps, metrics)
+                line += "".join(f" | {k} {metrics[k]:.4f}" for k in self.objective.log_keys if k in metrics)
                 if len(ds_tokens) > 1:
                     line += " | share " + ", ".join(
                         f"{n} {100 * metrics[f'share/{n}']:.1f}%" for n in self.dataset_names)
                 print_rank0(line)
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 val = self.evaluate()
-                print_rank0(f"validation at step {step}: loss {val:.4f} | ppl {math.exp(min(val, 50)):.2f}")
+                shown = ["loss"] + [k for k in ("ppl",) + tuple(self.objective.log_keys) if k in val]
+                print_rank0(f"validation at step {step}: " + " | ".join(f"{k} {val[k]:.4f}" for k in shown))
                 if self.writer is not None:
-                    self.writer.write(step, {"loss": val}, prefix="valid")
+                    self.writer.write(step, val, prefix="valid")
             for cb in self.callbacks:
                 cb.on_step_end(self, step, metrics)
             if self._stop is not None and step != t.steps:
