@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "engine.commands.train",
     "engine.commands.info",
     "engine.commands.config",
+    "engine.commands.plan",
     "engine.data.commands",
 ]
 
