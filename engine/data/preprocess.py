@@ -2,13 +2,15 @@
 
 Pipeline: the main process streams raw records in ~1 MB chunks (:mod:`readers`), worker
 processes decode, validate and tokenize each chunk (one EOS appended per document), and
-the main process writes the results in input order. At most ``2 x workers`` chunks are in
-flight, so memory stays flat whatever the input size. Outputs are written under
+the main process writes the results in input order. At most
+``IN_FLIGHT_PER_WORKER x workers`` chunks are in flight, so memory stays flat whatever the
+input size. Outputs are written under
 ``*.partial`` names and renamed only when the whole run succeeded (:mod:`indexed_writer`).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -24,6 +26,11 @@ from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "preference")  # sft / preference: engine/data/preprocess_chat.py
 MAX_SKIPPED_EXAMPLES = 20
+# Chunks (~1 MB each) queued per worker: enough to hide an uneven chunk, still flat memory.
+IN_FLIGHT_PER_WORKER = 4
+# Workers are single-threaded; without these, each one's numpy import starts a BLAS
+# thread pool per core, which made 8 workers take ~2 s to start on a 16-core machine.
+_WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 class PreprocessError(RuntimeError):
@@ -101,19 +108,35 @@ def _ordered_results(
 
     # spawn: workers never inherit the parent's threads or open files.
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=initargs) as pool:
+    with _environ(_WORKER_THREAD_ENV), ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=initargs
+    ) as pool:
         pending: collections.deque = collections.deque()
         try:
             for chunk in chunks:
                 pending.append(pool.submit(encode_chunk, chunk))
-                if len(pending) >= 2 * workers:
+                if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
         finally:
             for fut in pending:
                 fut.cancel()
+
+
+@contextlib.contextmanager
+def _environ(values: Dict[str, str]):
+    """Set environment variables (inherited by spawned workers) and restore them after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shard_prefix(prefix: str, index: int) -> str:

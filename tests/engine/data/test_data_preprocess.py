@@ -155,7 +155,7 @@ def test_cli_reports_bad_input(tmp_path, unigram_dir, capsys):
     assert not list(tmp_path.glob("o*"))
     with pytest.raises(SystemExit):
         main(["preprocess", "--input", str(src), "--tokenizer", str(unigram_dir),
-              "--output-prefix", str(tmp_path / "o"), "--kind", "sft"])
+              "--output-prefix", str(tmp_path / "o"), "--kind", "no-such-kind"])
 
 
 def test_killed_worker_leaves_no_complete_output(tmp_path, unigram_dir):
