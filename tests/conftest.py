@@ -103,3 +103,40 @@ def step_metrics(run_dir: Path, split: str = "train") -> List[Dict]:
 def losses(run_dir: Path) -> List[float]:
     """Per-step training losses of a run."""
     return [r["loss"] for r in step_metrics(run_dir)]
+
+
+def build_post_training_data(out: Path, seq_length: int = 128, max_chars: int = 100) -> Dict[str, str]:
+    """Tokenizer, pretraining data and SFT/preference data from the constitution articles of the
+    bundled sample (examples/make_post_training_data.py); returns their paths."""
+    from engine.data.preprocess import preprocess
+    from engine.data.tokenizer_train import train_tokenizer
+
+    sys.path.insert(0, str(REPO / "examples"))
+    import make_post_training_data as mk
+
+    out.mkdir(parents=True, exist_ok=True)
+    sample = REPO / "examples" / "data" / "sample.jsonl"
+    train_tokenizer([str(sample)], str(out / "tok"), vocab_size=1000)
+    mk.main(["--out-dir", str(out / "raw"), "--max-chars", str(max_chars)])
+    paths = {"tokenizer": str(out / "tok")}
+    for kind, src, name in (("pretrain", sample, "pretrain"), ("sft", out / "raw" / "sft.jsonl", "sft"),
+                            ("preference", out / "raw" / "preference.jsonl", "pref")):
+        preprocess([str(src)], str(out / "tok"), str(out / "data" / name), kind=kind, seq_length=seq_length,
+                   progress=False)
+        paths[name] = str(out / "data" / name)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def post_training_data(tmp_path_factory) -> Dict[str, str]:
+    """Session-wide tokenizer (1000 pieces, vocab 1024) and pretrain/sft/preference datasets."""
+    return build_post_training_data(tmp_path_factory.mktemp("post_training"))
+
+
+def post_training_config(paths: Dict[str, str], run_dir: Path, objective: str, data_key: str) -> Dict:
+    """base_config for tiny-llama on the post-training data with ``objective``."""
+    cfg = base_config(paths[data_key], run_dir)
+    cfg["model"]["vocab_size"] = 1024
+    cfg["data"].update(tokenizer=paths["tokenizer"], seq_length=128, split="90,10,0")
+    cfg["objective"] = {"name": objective}
+    return cfg

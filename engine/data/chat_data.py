@@ -93,7 +93,8 @@ class ChatIndexed:
     def document(self, doc: int) -> List[Tuple[np.ndarray, np.ndarray]]:
         """The (tokens int64, mask uint8) sequences of document ``doc``."""
         lo, hi = int(self.doc_index[doc]), int(self.doc_index[doc + 1])
-        return [(self.tokens[i].astype(np.int64), self.masks[i]) for i in range(lo, hi)]
+        # Copies: views into the memory maps would dangle once this object is collected.
+        return [(self.tokens[i].astype(np.int64), np.array(self.masks[i])) for i in range(lo, hi)]
 
     def doc_mask_counts(self, value: int = 1) -> np.ndarray:
         """Per document, tokens of its first sequence whose mask is >= ``value``, excluding the

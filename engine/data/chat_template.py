@@ -207,7 +207,10 @@ class JinjaTemplate(ChatTemplate):
                 if not (head.startswith(done) and full.startswith(head)):
                     raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
                 segs.append(Segment(head[len(done):]))
-                segs.append(Segment(full[len(head):], loss=True))
+                body = full[len(head):]
+                # Whitespace after the end-of-turn marker separates turns: not trained on.
+                segs.append(Segment(body.rstrip(), loss=True))
+                segs.append(Segment(body[len(body.rstrip()):]))
             else:
                 if not full.startswith(done):
                     raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
