@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Supervised fine-tuning of frankenstallm-3b on one node of 8 B200 GPUs, starting from a
+# pretraining checkpoint, with 30% of the training tokens replayed from the pretraining
+# data (deterministic mixing, realised share logged). Settings are overridable from the
+# environment; extra arguments are dotted overrides for the engine.
+#
+#   PRETRAIN_CKPT=runs/pretrain_3b_b200/checkpoints/iter_0100000 SFT_DATA=data/sft/chat \
+#     bash launchers/sft_3b_b200.sh
+#   DRY_RUN=1 bash launchers/sft_3b_b200.sh
+set -euo pipefail
+# shellcheck source=launchers/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+decide_mode
+
+setting PRESET frankenstallm-3b tiny-llama "model preset"
+setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
+setting TP 1 "" "tensor-parallel size"
+setting SEQ 4096 64 "sequence length (packed conversations)"
+setting GBS 128 4 "global batch in sequences"
+setting MBS 2 1 "micro-batch per GPU"
+setting DTYPE bf16 fp32 "precision.dtype (fine-tuning at lr ~1e-5 stays in bf16; fp8 works too)"
+setting STEPS 3000 3 "optimizer steps"
+setting LR 2e-5 "" "peak learning rate"
+setting MIN_LR 2e-6 "" "final learning rate"
+setting WARMUP 100 1 "warmup steps"
+setting SFT_DATA data/sft/chat "" "space-separated SFT dataset prefixes (python -m engine preprocess --kind sft)"
+setting REPLAY_PATHS data/pretrain/ko_en_text_document "" "space-separated pretraining prefixes replayed during SFT"
+setting REPLAY_RATIO 0.3 "" "share of replayed pretraining data (data.replay_ratio)"
+setting REPLAY_BY tokens "" "what the ratio counts: tokens or samples (data.replay_by)"
+setting PRETRAIN_CKPT runs/pretrain_3b_b200/checkpoints/iter_0100000 "" "checkpoint whose weights SFT starts from (checkpoint.init_from)"
+setting SAVE_INTERVAL 500 0 "steps between checkpoints"
+setting LOG_INTERVAL 10 1 "steps between log lines"
+setting RUN_DIR runs/sft_3b_b200 runs/sft_3b_cpu_tiny "run directory"
+setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
+common_settings
+print_settings
+common_overrides
+
+overrides=(
+  "model.preset=$PRESET" "objective.name=sft"
+  "parallel.tensor=$TP"
+  "data.paths=$(yaml_list "$SFT_DATA")" "data.seq_length=$SEQ"
+  "data.replay_paths=$(yaml_list "$REPLAY_PATHS")" "data.replay_ratio=$REPLAY_RATIO" "data.replay_by=$REPLAY_BY"
+  "training.global_batch_size=$GBS" "training.micro_batch_size=$MBS" "training.steps=$STEPS"
+  "precision.dtype=$DTYPE"
+  "optimizer.lr=$LR" "optimizer.min_lr=$MIN_LR" "schedule.warmup_steps=$WARMUP"
+  "checkpoint.init_from=$PRETRAIN_CKPT"
+  "checkpoint.save_interval=$SAVE_INTERVAL" "logging.interval=$LOG_INTERVAL"
+)
+launch_engine "${CONFIG:?}" "${overrides[@]}" "${COMMON_OVERRIDES[@]}" "$@"
