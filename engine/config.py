@@ -341,7 +341,6 @@ class CheckpointConfig:
     two jobs never write the same run directory."""
 
 
-
 @dataclass
 class Config:
     """The whole run."""
