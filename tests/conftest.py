@@ -105,7 +105,7 @@ def losses(run_dir: Path) -> List[float]:
     return [r["loss"] for r in step_metrics(run_dir)]
 
 
-def build_post_training_data(out: Path, seq_length: int = 128, max_chars: int = 100) -> Dict[str, str]:
+def build_post_training_data(out: Path, seq_length: int = 128, max_chars: int = 48) -> Dict[str, str]:
     """Tokenizer, pretraining data and SFT/preference data from the constitution articles of the
     bundled sample (examples/make_post_training_data.py); returns their paths."""
     from engine.data.preprocess import preprocess
@@ -137,6 +137,6 @@ def post_training_config(paths: Dict[str, str], run_dir: Path, objective: str, d
     """base_config for tiny-llama on the post-training data with ``objective``."""
     cfg = base_config(paths[data_key], run_dir)
     cfg["model"]["vocab_size"] = 1024
-    cfg["data"].update(tokenizer=paths["tokenizer"], seq_length=128, split="90,10,0")
+    cfg["data"].update(tokenizer=paths["tokenizer"], seq_length=128, split="80,20,0")
     cfg["objective"] = {"name": objective}
     return cfg
