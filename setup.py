@@ -17,6 +17,7 @@ setup(
         "tqdm",
         "tensorboard",
         "safetensors",
+        "jinja2",  # user-supplied chat templates (engine/data/chat_template.py)
     ],
     extras_require={
         # Optional fast kernels; every import of them is guarded, the engine runs without.
