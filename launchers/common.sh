@@ -174,7 +174,10 @@ launch_local() {
 # so two jobs sharing a node do not collide), NNODES, NODE_RANK, WORLD_SIZE.
 slurm_rendezvous() {
   : "${SLURM_JOB_NODELIST:?not inside a SLURM allocation (SLURM_JOB_NODELIST is unset)}"
-  MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+  local hosts
+  # Whole output first: `| head -n 1` could SIGPIPE scontrol, which pipefail turns into a failure.
+  hosts="$(scontrol show hostnames "$SLURM_JOB_NODELIST")"
+  MASTER_ADDR="${hosts%%$'\n'*}"
   MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 20000))}"
   NNODES="${SLURM_NNODES:?SLURM_NNODES is unset}"
   NODE_RANK="${SLURM_NODEID:-0}"
