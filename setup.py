@@ -18,6 +18,7 @@ setup(
         "tensorboard",
         "safetensors",
         "jinja2",  # user-supplied chat templates (engine/data/chat_template.py)
+        "tokenizers",  # writes the Hugging Face tokenizer.json next to tokenizer.model
     ],
     extras_require={
         # Optional fast kernels; every import of them is guarded, the engine runs without.
