@@ -7,6 +7,7 @@ realised token shares the loop logs.
 """
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
@@ -68,6 +69,13 @@ def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     from engine.metrics import print_rank0
 
     d = cfg.data
+    if d.packing and importlib.util.find_spec("transformer_engine") is not None:
+        # TE attention takes the causal mask type and would let packed conversations see each
+        # other; its THD format (PackedSeqParams) is not wired up yet.
+        from engine.config import ConfigError
+
+        raise ConfigError("data.packing needs the torch-native attention spec; with TransformerEngine "
+                          "installed set data.packing=false")
     data = _chat_data(cfg, "sft")
     pad = gpt_data.token_ids(cfg).eod
     lo, hi = split_range(data.num_docs, d.split, 0)
