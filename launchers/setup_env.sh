@@ -35,7 +35,7 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
     pip install -q torch==2.13.0
   fi
   echo "[setup] installing the engine with extras [$EXTRAS]"
-  pip install -q -e "$repo[$EXTRAS]"
+  pip install -q -e "${repo}[${EXTRAS}]"
   echo "$want" > "$stamp"
 else
   echo "[setup] $VENV is up to date"
