@@ -119,6 +119,18 @@ class ParallelConfig:
 
 
 @dataclass
+class BlendEntry:
+    """One named dataset of a pretraining blend."""
+
+    name: str = ""
+    """Name shown in the logs (realised token share); empty means the file name."""
+    path: str = ""
+    """Dataset prefix (``path.bin``/``path.idx``)."""
+    weight: float = 1.0
+    """Relative weight of this dataset in the blend."""
+
+
+@dataclass
 class DataConfig:
     """Where the training tokens come from (indexed ``.bin/.idx`` datasets)."""
 
@@ -126,6 +138,9 @@ class DataConfig:
     """Dataset prefixes (``name`` for ``name.bin``/``name.idx``)."""
     weights: Optional[List[float]] = None
     """Blend weights, one per path; None means proportional to size."""
+    blend: List[BlendEntry] = field(default_factory=list)
+    """Named alternative to ``paths``/``weights``: a list of ``{name, path, weight}``; it fills
+    ``paths`` and ``weights``, and its names label the logged shares."""
     split: str = "98,1,1"
     """Train/valid/test split of every dataset, in parts."""
     tokenizer: Optional[str] = None
@@ -390,6 +405,12 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     """Check/convert one leaf value against its annotated type."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
+    if dataclasses.is_dataclass(typ):  # e.g. the entries of data.blend
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
+        obj = typ()
+        _apply(obj, value, f"{path}.")
+        return obj
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
@@ -482,6 +503,11 @@ def from_dict(values: Dict[str, Any]) -> Config:
     rest = {k: v for k, v in values.items()}
     rest["model"] = model_values
     _apply(cfg, rest, "")
+    if cfg.data.blend:
+        if cfg.data.paths or cfg.data.weights:
+            raise ConfigError("give data.blend or data.paths/data.weights, not both")
+        cfg.data.paths = [entry.path for entry in cfg.data.blend]
+        cfg.data.weights = [entry.weight for entry in cfg.data.blend]
     return cfg
 
 

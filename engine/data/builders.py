@@ -26,7 +26,10 @@ class TrainingData:
 def build_pretrain_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     """megatron-core GPTDataset / BlendedDataset over ``data.paths``."""
     train, valid, _ = gpt_data.build_datasets(cfg, train_samples, valid_samples)
-    return TrainingData(train, valid, gpt_data.dataset_names(train))
+    names = gpt_data.dataset_names(train)
+    if cfg.data.blend:  # dataset_id follows the order of data.blend
+        names = [entry.name or name for entry, name in zip(cfg.data.blend, names)]
+    return TrainingData(train, valid, names)
 
 
 DATA_BUILDERS: Dict[str, Callable[..., TrainingData]] = {"pretrain": build_pretrain_data}

@@ -86,3 +86,17 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     path.write_text("model: {preset: tiny-llama}\nmodel_typo: 1\n")
     assert main(["train", str(path)]) == 2
     assert "unknown key 'model_typo'" in capsys.readouterr().err
+
+
+def test_named_blend_fills_paths_and_weights(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  blend:\n    - {name: kowiki, path: /d/kowiki, weight: 0.3}\n"
+                    "    - {name: web, path: /d/web, weight: 0.7}\n")
+    cfg = load_config(path)
+    assert cfg.data.paths == ["/d/kowiki", "/d/web"] and cfg.data.weights == [0.3, 0.7]
+    assert [e.name for e in cfg.data.blend] == ["kowiki", "web"]
+    path.write_text("data:\n  blend:\n    - {name: kowiki, pth: /d/kowiki}\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'data.blend\[0\].pth'.*'path'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="not both"):
+        load_config(None, ["data.paths=[/d/a]", "data.blend=[{path: /d/b}]"])

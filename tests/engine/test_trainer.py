@@ -9,7 +9,9 @@ from tests.conftest import base_config, run_engine, step_metrics, write_syntheti
 def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     other = str(write_synthetic_dataset(tmp_path / "other", 300, seed=5))
     cfg = base_config(synthetic_data, tmp_path / "run")
-    cfg["data"].update(paths=[synthetic_data, other], weights=[0.75, 0.25])
+    del cfg["data"]["paths"]
+    cfg["data"]["blend"] = [{"name": "arith", "path": synthetic_data, "weight": 0.75},
+                            {"name": "other", "path": other, "weight": 0.25}]
     cfg["training"].update(steps=6, eval_interval=3, eval_steps=1)
     cfg["logging"].update(interval=3, tensorboard=True)
     proc = run_engine(cfg)
@@ -20,9 +22,9 @@ def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     for key in ("loss", "lr", "grad_norm", "step_time", "tokens_per_s", "tokens_per_s_per_gpu", "peak_mem_gib"):
         assert all(r[key] is not None and r[key] == r[key] for r in train), key
     # 6 steps x 8 sequences x 64 tokens: the realised mixture of consumed tokens is logged.
-    share = train[-1]["share/synthetic"]
+    share = train[-1]["share/arith"]
     assert share + train[-1]["share/other"] == pytest.approx(1.0)
     assert abs(share - 0.75) < 0.1
-    assert "share synthetic" in proc.stdout and "validation at step 6" in proc.stdout
+    assert "share arith" in proc.stdout and "validation at step 6" in proc.stdout
     assert "MFU n/a" in proc.stdout  # CPU: no peak to compare against
     assert list((tmp_path / "run" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
