@@ -41,6 +41,9 @@ class TrainState:
     consumed_train_samples: int = 0
     consumed_valid_samples: int = 0
     lineage: List[Dict[str, Any]] = field(default_factory=list)
+    source_tokens: List[float] = field(default_factory=list)
+    """Loss tokens consumed from each blended source so far (the realised mixture survives
+    a resume)."""
 
 
 def checkpoint_root(run_dir: str) -> Path:

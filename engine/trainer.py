@@ -265,7 +265,9 @@ class Trainer:
         """Train until ``training.steps``; checkpoint at the interval and at the end."""
         cfg, t = self.cfg, self.cfg.training
         tokens_per_step = t.global_batch_size * self.objective.sequences_per_sample * cfg.data.seq_length
-        ds_tokens = [0.0] * len(self.dataset_names)
+        if len(self.state.source_tokens) != len(self.dataset_names):
+            self.state.source_tokens = [0.0] * len(self.dataset_names)
+        ds_tokens = self.state.source_tokens  # updated in place, saved with the checkpoint
         world = self.env.world_size
         for m in self.model:
             m.train()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+import json
+
 from tests.conftest import base_config, run_engine, step_metrics, write_synthetic_dataset
 
 
@@ -28,3 +30,13 @@ def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     assert "share arith" in proc.stdout and "validation at step 6" in proc.stdout
     assert "MFU n/a" in proc.stdout  # CPU: no peak to compare against
     assert list((tmp_path / "run" / "logs" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The per-source token counts behind the share are saved and continue after a resume.
+    tokens_per_step = 8 * 64
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "iter_0000006" / "engine_meta.json").read_text())
+    assert sum(meta["source_tokens"]) == 6 * tokens_per_step
+    cfg["training"].update(steps=8, eval_interval=0)
+    cfg["checkpoint"]["resume"] = True
+    run_engine(cfg)
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "iter_0000008" / "engine_meta.json").read_text())
+    assert sum(meta["source_tokens"]) == 8 * tokens_per_step
