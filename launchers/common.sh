@@ -214,7 +214,11 @@ launch_slurm() {
 
 # Overrides common to every launcher: run directory, auto-resume, profiling window.
 common_overrides() {
-  COMMON_OVERRIDES=("checkpoint.dir=$RUN_DIR" "checkpoint.resume=$RESUME")
+  # Length, schedule and bookkeeping settings every launcher declares (with its own defaults).
+  COMMON_OVERRIDES=("training.steps=$STEPS" "optimizer.lr=$LR" "optimizer.min_lr=$MIN_LR"
+                    "schedule.warmup_steps=$WARMUP" "checkpoint.save_interval=$SAVE_INTERVAL"
+                    "logging.interval=$LOG_INTERVAL"
+                    "checkpoint.dir=$RUN_DIR" "checkpoint.resume=$RESUME")
   if [ -n "${PROFILE_START:-}" ]; then
     COMMON_OVERRIDES+=("profile.start_step=$PROFILE_START" "profile.end_step=${PROFILE_END:-$PROFILE_START}"
                        "profile.ranks=[${PROFILE_RANKS:-0}]")

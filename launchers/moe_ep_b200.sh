@@ -51,11 +51,9 @@ overrides=(
   "model.moe_token_dispatcher=$DISPATCHER" "model.moe_grouped_gemm=$GROUPED_GEMM" "model.moe_aux_loss_coeff=$AUX_LOSS"
   "parallel.expert=$EP" "parallel.tensor=$TP" "parallel.distributed_optimizer=$DIST_OPT"
   "data.seq_length=$SEQ"
-  "training.global_batch_size=$GBS" "training.micro_batch_size=$MBS" "training.steps=$STEPS"
+  "training.global_batch_size=$GBS" "training.micro_batch_size=$MBS"
   "training.recompute=$RECOMPUTE"
   "precision.dtype=$DTYPE" "precision.fp8_recipe=$FP8_RECIPE"
-  "optimizer.lr=$LR" "optimizer.min_lr=$MIN_LR" "schedule.warmup_steps=$WARMUP"
-  "checkpoint.save_interval=$SAVE_INTERVAL" "logging.interval=$LOG_INTERVAL"
 )
 if [ "$DATA_MOCK" = "1" ]; then
   overrides+=("data.mock=true")

@@ -37,10 +37,8 @@ overrides=(
   "model.preset=$PRESET" "objective.name=orpo" "objective.orpo_lambda=$ORPO_LAMBDA"
   "parallel.tensor=$TP"
   "data.paths=$(yaml_list "$PREF_DATA")" "data.seq_length=$SEQ"
-  "training.global_batch_size=$PAIRS" "training.micro_batch_size=$MBS" "training.steps=$STEPS"
+  "training.global_batch_size=$PAIRS" "training.micro_batch_size=$MBS"
   "precision.dtype=$DTYPE"
-  "optimizer.lr=$LR" "optimizer.min_lr=$MIN_LR" "schedule.warmup_steps=$WARMUP"
   "checkpoint.init_from=$SFT_CKPT"
-  "checkpoint.save_interval=$SAVE_INTERVAL" "logging.interval=$LOG_INTERVAL"
 )
 launch_engine "${CONFIG:?}" "${overrides[@]}" "${COMMON_OVERRIDES[@]}" "$@"

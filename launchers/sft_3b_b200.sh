@@ -41,10 +41,8 @@ overrides=(
   "parallel.tensor=$TP"
   "data.paths=$(yaml_list "$SFT_DATA")" "data.seq_length=$SEQ"
   "data.replay_paths=$(yaml_list "$REPLAY_PATHS")" "data.replay_ratio=$REPLAY_RATIO" "data.replay_by=$REPLAY_BY"
-  "training.global_batch_size=$GBS" "training.micro_batch_size=$MBS" "training.steps=$STEPS"
+  "training.global_batch_size=$GBS" "training.micro_batch_size=$MBS"
   "precision.dtype=$DTYPE"
-  "optimizer.lr=$LR" "optimizer.min_lr=$MIN_LR" "schedule.warmup_steps=$WARMUP"
   "checkpoint.init_from=$PRETRAIN_CKPT"
-  "checkpoint.save_interval=$SAVE_INTERVAL" "logging.interval=$LOG_INTERVAL"
 )
 launch_engine "${CONFIG:?}" "${overrides[@]}" "${COMMON_OVERRIDES[@]}" "$@"
