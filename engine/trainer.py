@@ -269,6 +269,7 @@ class Trainer:
             self.state.source_tokens = [0.0] * len(self.dataset_names)
         ds_tokens = self.state.source_tokens  # updated in place, saved with the checkpoint
         world = self.env.world_size
+        precision = mfu_precision(self.tf_config, self.dtype)  # fixed for the run
         for m in self.model:
             m.train()
         for cb in self.callbacks:
@@ -300,7 +301,6 @@ class Trainer:
                 peak_mem_gib=peak_memory_gib(),
                 consumed_samples=self.state.consumed_train_samples,
             )
-            precision = mfu_precision(self.tf_config, self.dtype)
             metrics["mfu"] = mfu(metrics["tokens_per_s_per_gpu"], self.flops_token, self.gpu, precision)
             if len(ds_tokens) > 1:
                 total = sum(ds_tokens) or 1.0
