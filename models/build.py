@@ -132,7 +132,7 @@ def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = N
     fp8 = resolve_fp8(cfg)
     tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute,
                                    fp8=fp8.transformer_kwargs() if fp8 else None)
-    spec, description = layer_spec(cfg.model, use_te)
+    spec, description = layer_spec(cfg.model, use_te, cfg.parallel.sequence_parallel)
     if fp8:
         description += f"; {fp8.describe()}"
     vp = cfg.parallel.virtual_pipeline

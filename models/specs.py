@@ -7,7 +7,7 @@ from typing import Tuple
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from engine.config import ModelConfig
+from engine.config import ConfigError, ModelConfig
 
 
 def transformer_engine_available() -> bool:
@@ -21,10 +21,13 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(model: ModelConfig, use_te: bool | None = None) -> Tuple[ModuleSpec, str]:
+def layer_spec(model: ModelConfig, use_te: bool | None = None,
+               sequence_parallel: bool = False) -> Tuple[ModuleSpec, str]:
     """Return ``(spec, description)`` for one transformer layer of ``model``.
 
-    The description names the layer implementation and attention backend, for the log."""
+    The description names the layer implementation and attention backend, for the log.
+    Sequence parallelism on the torch-native spec is refused here, before any layer exists:
+    megatron-core's torch-norm fallback (no apex) cannot shard norms along the sequence."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     num_experts = model.num_experts or None
@@ -36,6 +39,9 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None) -> Tuple[ModuleSp
         )
         return spec, "TransformerEngine layers, TE fused attention (flash/cuDNN)"
 
+    if sequence_parallel and importlib.util.find_spec("apex") is None:
+        raise ConfigError("parallel.sequence_parallel needs TransformerEngine (or apex) norms, and neither is "
+                          "installed; set parallel.sequence_parallel=false")
     from models.attention import SDPAAttention
 
     spec = specs.get_gpt_layer_local_spec(

@@ -37,3 +37,18 @@ def test_keural_moe_total_and_active():
     expected = 24 * per_layer_active + 131200 * h + h
     assert info["active"] == expected
     assert info["active"] == pytest.approx(4.87e9, rel=2e-3)
+
+
+def test_sequence_parallel_refused_on_torch_norm_fallback():
+    """megatron-core's torch norms assert deep inside model construction; the spec says why first."""
+    import importlib.util
+
+    from engine.config import ConfigError
+    from models.presets import get_preset
+    from models.specs import layer_spec
+
+    if importlib.util.find_spec("apex") is not None:
+        pytest.skip("apex installed: its fused norms support sequence parallelism")
+    with pytest.raises(ConfigError, match="parallel.sequence_parallel needs TransformerEngine"):
+        layer_spec(get_preset("tiny-llama"), use_te=False, sequence_parallel=True)
+    layer_spec(get_preset("tiny-llama"), use_te=False, sequence_parallel=False)
