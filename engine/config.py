@@ -107,7 +107,7 @@ class ParallelConfig:
     expert: int = 1
     """Expert-parallel size (splits the experts of each MoE layer)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism with TP (needs TransformerEngine norms)."""
+    """Megatron sequence parallelism with TP (needs TransformerEngine or apex norms; refused with a clear error on the torch-norm fallback)."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
     overlap_grad_reduce: bool = False
@@ -161,8 +161,9 @@ class DataConfig:
     """Chat template of SFT/preference data and generation: ``chatml``, ``alpaca`` or a path to a
     ``.jinja`` file; must be the one the data was preprocessed with (checked against its sidecar)."""
     packing: bool = True
-    """SFT: pack several conversations into one sequence (block-diagonal attention, positions
-    reset per conversation; torch-native attention spec only)."""
+    """SFT: pack several conversations into one sequence; micro-batches run in megatron-core's
+    THD layout (``PackedSeqParams``), so attention and positions stay within each conversation
+    (TransformerEngine or the torch-native spec). Not combinable with ``parallel.context`` > 1."""
     replay_paths: List[str] = field(default_factory=list)
     """SFT: pretraining dataset prefixes replayed next to the SFT data (full loss mask)."""
     replay_weights: Optional[List[float]] = None
@@ -654,6 +655,9 @@ def validate(cfg: Config, world_size: int) -> None:
         errors.append("data.paths is empty (give dataset prefixes, or data.mock=true for benchmarks)")
     if t.steps < 0:
         errors.append(f"training.steps must be >= 0, got {t.steps}")
+    if cfg.objective.name == "sft" and cfg.data.packing and p.context > 1:
+        errors.append(f"data.packing needs parallel.context = 1 (got {p.context}): context-parallel THD "
+                      f"attention needs segments padded to 2 x parallel.context; set data.packing=false")
     if not 0.0 <= cfg.data.replay_ratio < 1.0:
         errors.append(f"data.replay_ratio must be in [0, 1), got {cfg.data.replay_ratio}")
     if cfg.data.replay_ratio > 0 and not cfg.data.replay_paths:

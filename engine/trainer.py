@@ -172,14 +172,14 @@ class Trainer:
     def _forward_backward(self, data_iterator, forward_only: bool) -> Dict[str, float]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        seq = self.cfg.data.seq_length
+        seq, mbs = self.objective.activation_shape(self.cfg.data.seq_length, self.cfg.training.micro_batch_size)
         store = get_forward_backward_func()(
             forward_step_func=self.objective.forward_step,
             data_iterator=data_iterator,
             model=self.model,
             num_microbatches=self.num_micro,
             seq_length=seq,
-            micro_batch_size=self.cfg.training.micro_batch_size * self.objective.sequences_per_sample,
+            micro_batch_size=mbs,
             decoder_seq_length=seq,
             forward_only=forward_only,
         )

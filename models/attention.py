@@ -5,6 +5,9 @@ signature), used when TransformerEngine is absent. Unlike megatron's unfused loc
 attention it never materialises the full score matrix in Python: on GPUs SDPA picks the
 flash or cuDNN kernel (or memory-efficient attention when a sliding-window mask is
 needed), on CPU its fused C++ kernel. GQA is passed to SDPA natively (no repeat of K/V).
+Packed sequences in megatron-core's THD layout (``PackedSeqParams``, as TE's attention
+takes them) are attended segment by segment, so the packing code path is the same with
+and without TransformerEngine.
 """
 from __future__ import annotations
 
@@ -67,11 +70,34 @@ class SDPAAttention(MegatronModule):
         attention_bias: Optional[torch.Tensor] = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        """Attend ``query`` [sq, b, np, hn] to ``key``/``value`` [sk, b, ng, hn]."""
-        if packed_seq_params is not None:
-            raise ValueError("packed sequences need TransformerEngine attention (THD layout)")
+        """Attend ``query`` [sq, b, np, hn] to ``key``/``value`` [sk, b, ng, hn]; in the THD
+        layout (``packed_seq_params``) ``query`` is [t, np, hn] and the output [t, np * hn]."""
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by SDPAAttention")
+        if packed_seq_params is not None:
+            return self._forward_thd(query, key, value, packed_seq_params, attn_mask_type)
+        return self._attend(query, key, value, attention_mask, attn_mask_type)
+
+    def _forward_thd(self, query, key, value, params, attn_mask_type) -> torch.Tensor:
+        """Packed sequences: causal attention within each ``cu_seqlens`` segment only.
+
+        One SDPA call per segment: exact, and memory stays O(sum of squared segment lengths)
+        instead of a [t, t] block-diagonal mask."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"packed_seq_params.qkv_format {params.qkv_format!r} is not supported (only 'thd')")
+        if params.cu_seqlens_q_padded is not None or not torch.equal(params.cu_seqlens_q, params.cu_seqlens_kv):
+            raise ValueError("SDPAAttention takes THD self-attention with unpadded, equal q/kv cu_seqlens")
+        bounds = params.cu_seqlens_q.tolist()
+        if bounds[0] != 0 or bounds[-1] != query.shape[0]:
+            raise ValueError(f"cu_seqlens {bounds[0]}..{bounds[-1]} do not cover the {query.shape[0]} packed tokens")
+        outs = [
+            self._attend(query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None, attn_mask_type)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+        ]
+        return torch.cat(outs, dim=0).squeeze(1)
+
+    def _attend(self, query, key, value, attention_mask, attn_mask_type) -> torch.Tensor:
+        """SDPA over [s, b, h, d] inputs; returns [s, b, h * d]."""
         sq, b, np_, hn = query.shape
         sk = key.shape[0]
         # [s, b, h, d] -> [b, h, s, d]

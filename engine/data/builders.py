@@ -7,7 +7,6 @@ realised token shares the loop logs.
 """
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Dict, List
 
@@ -72,13 +71,6 @@ def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     from engine.metrics import print_rank0
 
     d = cfg.data
-    if d.packing and importlib.util.find_spec("transformer_engine") is not None:
-        # TE attention takes the causal mask type and would let packed conversations see each
-        # other; its THD format (PackedSeqParams) is not wired up yet.
-        from engine.config import ConfigError
-
-        raise ConfigError("data.packing needs the torch-native attention spec; with TransformerEngine "
-                          "installed set data.packing=false")
     data = _chat_data(cfg, "sft")
     pad = gpt_data.token_ids(cfg).eod
     lo, hi = split_range(data.num_docs, d.split, 0)
@@ -95,7 +87,7 @@ def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     replay_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
         d, paths=list(d.replay_paths), weights=list(d.replay_weights) if d.replay_weights else None))
     replay, _, _ = gpt_data.build_datasets(replay_cfg, max(num_replay, 1), 0)
-    mixture = ReplayMixture(sft, replay, source, len(d.replay_paths), with_attention_mask=d.packing)
+    mixture = ReplayMixture(sft, replay, source, len(d.replay_paths))
     print_rank0(f"replay: {d.replay_ratio:.0%} of training by {'loss tokens' if d.replay_by == 'tokens' else 'samples'} "
                 f"from {', '.join(d.replay_paths)} ({num_replay} of {train_samples} samples replayed)")
     return TrainingData(mixture, valid, [name] + replay_names(gpt_data.dataset_names(replay)))

@@ -47,7 +47,7 @@ def interleave(sft_tokens, replay_tokens: int, ratio: float, num_samples: int, b
 class ReplayMixture(torch.utils.data.Dataset):
     """SFT samples and replayed pretraining samples in a fixed interleave."""
 
-    def __init__(self, sft, replay, source: np.ndarray, num_replay_sources: int, with_attention_mask: bool):
+    def __init__(self, sft, replay, source: np.ndarray, num_replay_sources: int):
         self.sft, self.replay, self.source = sft, replay, source
         # The n-th sample of a source is that source's n-th sample: a running count.
         self.index = np.zeros(len(source), dtype=np.int64)
@@ -57,7 +57,6 @@ class ReplayMixture(torch.utils.data.Dataset):
             counts[s] += 1
         self.num_sft, self.num_replay = counts
         self.num_replay_sources = num_replay_sources
-        self.with_attention_mask = with_attention_mask
 
     def __len__(self) -> int:
         return len(self.source)
@@ -68,7 +67,7 @@ class ReplayMixture(torch.utils.data.Dataset):
             return self.sft[int(self.index[i])]
         item = self.replay[int(self.index[i])]
         tokens = item["tokens"].to(torch.int64)
-        sample = {
+        return {
             "tokens": tokens,
             "labels": item["labels"].to(torch.int64),
             # Replay trains on every token (megatron's GPTDataset would zero labels equal to its pad id).
@@ -76,10 +75,6 @@ class ReplayMixture(torch.utils.data.Dataset):
             "position_ids": item["position_ids"].to(torch.int64),
             "dataset_id": 1 + int(item.get("dataset_id", 0)),
         }
-        if self.with_attention_mask:  # plain causal attention: nothing masked beyond causality
-            s = tokens.shape[0]
-            sample["attention_mask"] = torch.zeros((1, s, s), dtype=torch.bool)
-        return sample
 
     def realised_share(self, n: int, sft_tokens, replay_tokens: int) -> float:
         """Loss-token share of replay in the first ``n`` samples (for tests and the log)."""

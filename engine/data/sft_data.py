@@ -7,14 +7,13 @@ first of the next.
 
 Packing (``data.packing``): conversations are taken in a seeded shuffled order per epoch
 and placed next-fit into sequences of ``data.seq_length`` positions. Position ids restart
-at 0 for every conversation, and attention stays inside each conversation through a
-block-diagonal mask (``attention_mask`` [1, s, s], True = masked out, megatron's
-convention, combined with the causal mask by ``models/attention.py:SDPAAttention``). With
-RoPE the restart changes nothing (rotary attention depends only on relative positions);
-with learned absolute positions the restarted ids are what the model sees. Padding forms
-its own block with loss 0. TransformerEngine's THD packed format (``PackedSeqParams``) is
-not wired up: packing runs on the torch-native attention spec; with TE set
-``data.packing=false`` (one conversation per sequence, padded).
+at 0 for every conversation and for the padding after the last one; those restarts are the
+segment boundaries that ``engine/data/packed_seq.py`` turns into megatron-core's THD
+``PackedSeqParams``, so attention never crosses a conversation (TransformerEngine's fused
+attention or ``models/attention.py``, segment by segment). RoPE positions restart per
+segment; with learned absolute positions the restarted ids are what the model sees.
+Padding forms its own segment with loss 0. Without packing each sample is one padded
+conversation under plain causal attention.
 
 Sample ``i`` is a pure function of (files, split, seed, sequence length, packing), so the
 data position (consumed samples) resumes exactly at any world size.
@@ -84,22 +83,16 @@ class SFTDataset(torch.utils.data.Dataset):
         labels = np.full(s, self.pad_id, dtype=np.int64)
         loss_mask = np.zeros(s, dtype=np.float32)
         position_ids = np.zeros(s, dtype=np.int64)
-        block = np.full(s, -1, dtype=np.int64)
         pos = 0
-        for k, d in enumerate(self.bins[int(i)]):
+        for d in self.bins[int(i)]:
             (toks, mask), = self.data.document(self.lo + d)
             n = len(toks) - 1
             tokens[pos:pos + n] = toks[:-1]
             labels[pos:pos + n] = toks[1:]
             loss_mask[pos:pos + n] = mask[1:] > 0
             position_ids[pos:pos + n] = np.arange(n)
-            block[pos:pos + n] = k
             pos += n
         position_ids[pos:] = np.arange(s - pos)
-        sample = {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                  "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids),
-                  "dataset_id": self.dataset_id}
-        if self.packing:
-            b = torch.from_numpy(block)
-            sample["attention_mask"] = (b.unsqueeze(0) != b.unsqueeze(1)).unsqueeze(0)
-        return sample
+        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
+                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids),
+                "dataset_id": self.dataset_id}

@@ -35,6 +35,11 @@ class Objective:
         """Called once after the model, checkpoint and data are built, before the first step
         (e.g. DPO's reference log-probabilities). No-op by default."""
 
+    def activation_shape(self, seq_length: int, micro_batch_size: int) -> Tuple[int, int]:
+        """``(sequence, batch)`` of the activations one micro-batch sends between pipeline
+        stages (megatron-core's p2p buffers are allocated with it)."""
+        return seq_length, micro_batch_size * self.sequences_per_sample
+
     def forward_step(self, data_iterator, model) -> Tuple[torch.Tensor, Callable]:
         raise NotImplementedError
 

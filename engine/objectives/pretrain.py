@@ -29,7 +29,7 @@ class PretrainObjective(Objective):
 
     def loss_func(self, loss_mask: torch.Tensor, dataset_id, output: torch.Tensor):
         """Summed masked loss, valid-token count and metric sums of one micro-batch."""
-        losses = output.float()
+        losses = output.float().reshape(loss_mask.shape)  # [1, b*s] when packed (THD)
         loss_sum = (losses * loss_mask).sum()
         num_tokens = loss_mask.sum().to(torch.int)
         metrics = {"loss_sum": loss_sum.detach().clone(), "tokens": loss_mask.sum().detach()}

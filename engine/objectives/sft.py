@@ -2,13 +2,16 @@
 
 The arithmetic is the pretraining objective's (masked per-token loss summed, normalised
 by the loss tokens of the global batch); what differs is the data (``data_kind = "sft"``:
-conversations with assistant-only masks, packing, replay) and that packed sequences carry
-a block-diagonal ``attention_mask`` into the model.
+conversations with assistant-only masks, packing, replay) and that packed micro-batches go
+through the model in megatron-core's THD layout (``engine/data/packed_seq.py``), so
+attention and RoPE positions stay within each conversation.
 """
 from __future__ import annotations
 
 from functools import partial
+from typing import Tuple
 
+from engine.data.packed_seq import thd_micro_batch
 from engine.objectives.pretrain import PretrainObjective
 
 
@@ -18,8 +21,22 @@ class SFTObjective(PretrainObjective):
     name = "sft"
     data_kind = "sft"
 
+    @property
+    def packed(self) -> bool:
+        """Whether micro-batches are packed conversations (``data.packing``)."""
+        return bool(self.cfg is not None and self.cfg.data.packing)
+
+    def activation_shape(self, seq_length: int, micro_batch_size: int) -> Tuple[int, int]:
+        # THD: the micro-batch travels as one row of micro_batch_size * seq_length tokens.
+        if self.packed:
+            return seq_length * micro_batch_size, 1
+        return super().activation_shape(seq_length, micro_batch_size)
+
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        # Packed sequences: attention stays within each conversation (True = masked out).
-        output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+        if self.packed:
+            tokens, labels, position_ids, packed = thd_micro_batch(batch)
+        else:
+            tokens, labels, position_ids, packed = batch["tokens"], batch["labels"], batch["position_ids"], None
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
         return output, partial(self.loss_func, batch["loss_mask"].float(), batch.get("dataset_id"))

@@ -66,6 +66,8 @@ def test_parse_overrides_nested():
     (["model.preset=tiny-llama", "parallel.expert=2"], 2, r"the model is dense"),
     (["model.preset=tiny-llama", "data.seq_length=4096"], 1, r"data.seq_length \(4096\) exceeds model.max_seq_length \(256\)"),
     (["model.preset=tiny-llama", "model.activation=relu"], 1, r"model.activation is 'relu'; choose one of swiglu, gelu"),
+    (["model.preset=tiny-llama", "objective.name=sft", "parallel.context=2"], 2,
+     r"data.packing needs parallel.context = 1 \(got 2\)"),
 ])
 def test_bad_combinations_name_the_numbers(overrides, world, message):
     cfg = _cfg(*overrides)

@@ -9,6 +9,7 @@ import pytest
 
 from engine.data.chat_data import PROMPT, RESPONSE, ChatIndexed
 from engine.data.chat_template import AlpacaTemplate, ChatMLTemplate, JinjaTemplate, get_chat_template
+from engine.data.packed_seq import segment_cu_seqlens
 from engine.data.preprocess import preprocess
 from engine.data.replay import interleave
 from engine.data.sft_data import SFTDataset
@@ -126,23 +127,23 @@ def test_packing_never_crosses_a_conversation(tmp_path, tok):
     assert max(len(b) for b in ds.bins[:30]) > 1  # really packed
     for i in range(30):
         item = ds[i]
-        pos, mask, labels, tokens = (item[k].numpy() for k in ("position_ids", "attention_mask", "labels", "tokens"))
-        starts = [j for j in range(96) if pos[j] == 0]
+        labels, tokens = (item[k].numpy() for k in ("labels", "tokens"))
         convs = [data.document(ds.lo + d)[0] for d in ds.bins[i]]
+        # The THD segments the model attends within are exactly the conversations (+ padding).
+        cu = segment_cu_seqlens(item["position_ids"].unsqueeze(0)).tolist()
         at = 0
-        for (toks, m), start in zip(convs, starts):
+        for k, (toks, m) in enumerate(convs):
             n = len(toks) - 1
-            assert start == at
+            assert cu[k] == at and cu[k + 1] == at + n
             # labels are this conversation's next tokens: none crosses into the next one
             assert list(labels[at:at + n]) == list(toks[1:]) and list(tokens[at:at + n]) == list(toks[:-1])
             assert list(item["loss_mask"].numpy()[at:at + n]) == list((m[1:] > 0).astype(np.float32))
-            block = mask[0, at:at + n]
-            assert not block[:, at:at + n].any() and block[:, :at].all() and block[:, at + n:].all()
             at += n
+        assert cu[len(convs):] == ([at, 96] if at < 96 else [96])
         assert item["loss_mask"].numpy()[at:].sum() == 0
-    # without packing: one conversation per sample, no attention mask needed
+    # without packing: one conversation per sample
     plain = SFTDataset(data, 0, data.num_docs, 96, 5, packing=False, seed=3, pad_id=eod)
-    assert "attention_mask" not in plain[0] and all(len(b) == 1 for b in plain.bins)
+    assert all(len(b) == 1 for b in plain.bins)
 
 
 def test_replay_share_within_one_percent_and_deterministic():

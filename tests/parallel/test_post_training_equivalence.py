@@ -1,13 +1,14 @@
-"""ORPO and DPO train identically single-rank, TP=2, PP=2 and DP=2.
+"""SFT (packed, with replay), ORPO and DPO train identically single-rank, TP=2, PP=2 and DP=2.
 
 As in test_equivalence.py: one checkpoint of initial weights, loaded by every layout with
-``init_from``, then 4 steps on the same global batches of preference pairs. Chosen and
+``init_from``, then 4 steps on the same global batches. Packed SFT micro-batches travel in
+megatron-core's THD layout ([1, micro_batch x seq] between pipeline stages). Chosen and
 rejected of a pair travel through the pipeline in one micro-batch; log-probabilities come
 from megatron-core's vocab-parallel cross entropy, so TP must give the same numbers; the
-loss is normalised by the pairs of the global batch, so DP and micro-batching must too.
-DPO's reference log-probabilities are computed by each layout itself (its own copy of the
-data), so the forward-only reference pass is checked under every layout as well: at step 1
-policy = reference and the loss is ln 2.
+loss is normalised by the pairs (SFT: loss tokens) of the global batch, so DP and
+micro-batching must too. DPO's reference log-probabilities are computed by each layout
+itself (its own copy of the data), so the forward-only reference pass is checked under
+every layout as well: at step 1 policy = reference and the loss is ln 2.
 """
 from __future__ import annotations
 
@@ -42,20 +43,27 @@ def _run(objective, layout, root, init, data):
     run_dir = root / f"{objective}_{layout}"
     own = run_dir / "data"
     own.mkdir(parents=True)
-    src = data["pref"]
+    key = "sft" if objective == "sft" else "pref"
+    src = data[key]
     for suffix in (".bin", ".idx", ".json", "_lossmask.bin", "_lossmask.idx", "_lossmask.json"):
-        shutil.copy(src + suffix, str(own / "pref") + suffix)
-    paths = dict(data, pref=str(own / "pref"))
-    cfg = post_training_config(paths, run_dir, objective, "pref")
+        shutil.copy(src + suffix, str(own / key) + suffix)
+    paths = dict(data, **{key: str(own / key)})
+    cfg = post_training_config(paths, run_dir, objective, key)
     cfg["training"].update(steps=4, global_batch_size=8, micro_batch_size=2)
     cfg["optimizer"].update(lr=1e-3, min_lr=1e-4)
     cfg["checkpoint"].update(init_from=str(init), enabled=False)
+    if objective == "sft":
+        cfg["data"].update(packing=True, replay_paths=[data["pretrain"]], replay_ratio=0.3)
     run_engine(cfg, nproc=nproc, overrides=overrides)
     return step_metrics(run_dir)
 
 
-@pytest.mark.parametrize("objective", ["orpo", "dpo"])
-def test_preference_step_same_in_every_layout(objective, init_ckpt, post_training_data):
+def _close(a, b, tol):
+    return abs(a - b) <= tol * abs(a)
+
+
+@pytest.mark.parametrize("objective", ["sft", "orpo", "dpo"])
+def test_post_training_step_same_in_every_layout(objective, init_ckpt, post_training_data):
     root, init = init_ckpt
     ref = _run(objective, "single", root, init, post_training_data)
     assert len(ref) == 4
@@ -66,10 +74,14 @@ def test_preference_step_same_in_every_layout(objective, init_ckpt, post_trainin
         got = _run(objective, layout, root, init, post_training_data)
         assert len(got) == 4, layout
         for step, (a, b) in enumerate(zip(ref, got), 1):
-            assert abs(a["loss"] - b["loss"]) <= REL_TOL * abs(a["loss"]), (objective, layout, step, a["loss"], b["loss"])
+            where = (objective, layout, step)
+            assert _close(a["loss"], b["loss"], REL_TOL), (*where, a["loss"], b["loss"])
+            assert _close(a["grad_norm"], b["grad_norm"], GRAD_REL_TOL), (*where, a["grad_norm"], b["grad_norm"])
+            if objective == "sft":
+                assert a["tokens"] == b["tokens"], where  # the same loss tokens in every layout
+                continue
             # Rewards are differences of fp32 log-prob sums of ~100 tokens (DPO: policy minus
             # reference): compare them with an absolute tolerance, not a relative one.
             for key in ("rewards/margins", "rewards/chosen"):
-                assert abs(a[key] - b[key]) <= REWARD_ABS_TOL, (objective, layout, step, key, a[key], b[key])
-            assert a["rewards/accuracies"] == b["rewards/accuracies"], (objective, layout, step)
-            assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_REL_TOL * a["grad_norm"], (objective, layout, step)
+                assert abs(a[key] - b[key]) <= REWARD_ABS_TOL, (*where, key, a[key], b[key])
+            assert a["rewards/accuracies"] == b["rewards/accuracies"], where
