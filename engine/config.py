@@ -107,7 +107,8 @@ class ParallelConfig:
     expert: int = 1
     """Expert-parallel size (splits the experts of each MoE layer)."""
     sequence_parallel: bool = False
-    """Megatron sequence parallelism with TP (needs TransformerEngine or apex norms; refused with a clear error on the torch-norm fallback)."""
+    """Megatron sequence parallelism with TP (needs TransformerEngine or apex norms; refused
+    with a clear error on megatron-core's torch-norm fallback)."""
     distributed_optimizer: bool = True
     """Shard optimizer state over data-parallel ranks (megatron-core distributed optimizer)."""
     overlap_grad_reduce: bool = False
