@@ -231,9 +231,28 @@ common_overrides() {
   fi
 }
 
-# Settings every launcher has; call after the launcher's own settings.
-common_settings() {
+# Pretraining data of a launcher: DATA_PATHS, or random tokens with DATA_MOCK=1 (the tiny
+# CPU variant's default); the matching overrides go to DATA_OVERRIDES.
+pretrain_data_settings() {
+  setting DATA_PATHS data/pretrain/ko_en_text_document "" "space-separated dataset prefixes (.bin/.idx)"
+  setting DATA_MOCK 0 1 "1 = random tokens instead of DATA_PATHS"
+  # shellcheck disable=SC2034  # read by the launcher that sources this file
+  if [ "$DATA_MOCK" = "1" ]; then
+    DATA_OVERRIDES=("data.mock=true")
+  else
+    DATA_OVERRIDES=("data.paths=$(yaml_list "$DATA_PATHS")")
+  fi
+}
+
+# The settings every launcher has, then the printout of all of them and COMMON_OVERRIDES;
+# call after the launcher's own settings.
+finish_settings() {
+  setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
+  setting LOG_INTERVAL 10 1 "steps between log lines"
+  setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
   setting PYTHON python "" "Python with the engine installed"
   setting RESUME true "" "resume from the newest complete checkpoint in RUN_DIR (fresh start if none)"
   setting SHUTDOWN_TIMEOUT 600 "" "seconds torchrun waits for ranks to checkpoint after a signal"
+  print_settings
+  common_overrides
 }

@@ -19,7 +19,6 @@ if [ "$RUN_MODE" = "gpu" ] && "${PYTHON:-python}" -c "import transformer_engine.
 fi
 
 setting PRESET keural-moe-15b tiny-moe "model preset"
-setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
 setting EP 8 2 "expert-parallel size"
 setting TP 1 "" "tensor-parallel size"
 setting SEQ 4096 64 "sequence length"
@@ -36,15 +35,10 @@ setting STEPS 100000 3 "optimizer steps"
 setting LR 3e-4 "" "peak learning rate"
 setting MIN_LR 3e-5 "" "final learning rate"
 setting WARMUP 2000 1 "warmup steps"
-setting DATA_PATHS data/pretrain/ko_en_text_document "" "space-separated dataset prefixes"
-setting DATA_MOCK 0 1 "1 = random tokens instead of DATA_PATHS"
+pretrain_data_settings
 setting SAVE_INTERVAL 1000 0 "steps between checkpoints"
-setting LOG_INTERVAL 10 1 "steps between log lines"
 setting RUN_DIR runs/moe_ep_b200 runs/moe_ep_cpu_tiny "run directory"
-setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
-common_settings
-print_settings
-common_overrides
+finish_settings
 
 overrides=(
   "model.preset=$PRESET"
@@ -55,9 +49,4 @@ overrides=(
   "training.recompute=$RECOMPUTE"
   "precision.dtype=$DTYPE" "precision.fp8_recipe=$FP8_RECIPE"
 )
-if [ "$DATA_MOCK" = "1" ]; then
-  overrides+=("data.mock=true")
-else
-  overrides+=("data.paths=$(yaml_list "$DATA_PATHS")")
-fi
-launch_engine "${CONFIG:?}" "${overrides[@]}" "${COMMON_OVERRIDES[@]}" "$@"
+launch_engine "${CONFIG:?}" "${overrides[@]}" "${DATA_OVERRIDES[@]}" "${COMMON_OVERRIDES[@]}" "$@"

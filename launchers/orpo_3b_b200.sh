@@ -12,7 +12,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 decide_mode
 
 setting PRESET frankenstallm-3b tiny-llama "model preset"
-setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
 setting TP 1 "" "tensor-parallel size"
 setting SEQ 4096 64 "sequence length of prompt + response"
 setting PAIRS 128 4 "preference pairs per optimizer step (training.global_batch_size)"
@@ -26,12 +25,8 @@ setting WARMUP 50 1 "warmup steps"
 setting PREF_DATA data/pref/pairs "" "space-separated preference dataset prefixes (python -m engine preprocess --kind preference)"
 setting SFT_CKPT runs/sft_3b_b200/checkpoints/iter_0003000 "" "checkpoint whose weights ORPO starts from (checkpoint.init_from)"
 setting SAVE_INTERVAL 200 0 "steps between checkpoints"
-setting LOG_INTERVAL 10 1 "steps between log lines"
 setting RUN_DIR runs/orpo_3b_b200 runs/orpo_3b_cpu_tiny "run directory"
-setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
-common_settings
-print_settings
-common_overrides
+finish_settings
 
 overrides=(
   "model.preset=$PRESET" "objective.name=orpo" "objective.orpo_lambda=$ORPO_LAMBDA"

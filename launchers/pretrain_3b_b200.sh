@@ -14,7 +14,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 decide_mode
 
 setting PRESET frankenstallm-3b tiny-llama "model preset"
-setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
 setting TP 1 "" "tensor-parallel size"
 setting PP 1 "" "pipeline-parallel size"
 setting SEQ 4096 64 "sequence length"
@@ -28,15 +27,10 @@ setting STEPS 100000 3 "optimizer steps"
 setting LR 1.5e-4 "" "peak learning rate"
 setting MIN_LR 1.5e-5 "" "final learning rate"
 setting WARMUP 2000 1 "warmup steps"
-setting DATA_PATHS data/pretrain/ko_en_text_document "" "space-separated dataset prefixes (.bin/.idx)"
-setting DATA_MOCK 0 1 "1 = random tokens instead of DATA_PATHS"
+pretrain_data_settings
 setting SAVE_INTERVAL 1000 0 "steps between checkpoints"
-setting LOG_INTERVAL 10 1 "steps between log lines"
 setting RUN_DIR runs/pretrain_3b_b200 runs/pretrain_3b_cpu_tiny "run directory (checkpoints, logs)"
-setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
-common_settings
-print_settings
-common_overrides
+finish_settings
 
 overrides=(
   "model.preset=$PRESET"
@@ -46,10 +40,5 @@ overrides=(
   "training.recompute=$RECOMPUTE"
   "precision.dtype=$DTYPE" "precision.fp8_recipe=$FP8_RECIPE"
 )
-if [ "$DATA_MOCK" = "1" ]; then
-  overrides+=("data.mock=true")
-else
-  overrides+=("data.paths=$(yaml_list "$DATA_PATHS")")
-fi
 
-launch_engine "${CONFIG:?}" "${overrides[@]}" "${COMMON_OVERRIDES[@]}" "$@"
+launch_engine "${CONFIG:?}" "${overrides[@]}" "${DATA_OVERRIDES[@]}" "${COMMON_OVERRIDES[@]}" "$@"

@@ -13,7 +13,6 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 decide_mode
 
 setting PRESET frankenstallm-3b tiny-llama "model preset"
-setting GPUS_PER_NODE 8 2 "ranks per node (one per GPU)"
 setting TP 1 "" "tensor-parallel size"
 setting SEQ 4096 64 "sequence length (packed conversations)"
 setting GBS 128 4 "global batch in sequences"
@@ -29,12 +28,8 @@ setting REPLAY_RATIO 0.3 "" "share of replayed pretraining data (data.replay_rat
 setting REPLAY_BY tokens "" "what the ratio counts: tokens or samples (data.replay_by)"
 setting PRETRAIN_CKPT runs/pretrain_3b_b200/checkpoints/iter_0100000 "" "checkpoint whose weights SFT starts from (checkpoint.init_from)"
 setting SAVE_INTERVAL 500 0 "steps between checkpoints"
-setting LOG_INTERVAL 10 1 "steps between log lines"
 setting RUN_DIR runs/sft_3b_b200 runs/sft_3b_cpu_tiny "run directory"
-setting CONFIG launchers/configs/base.yaml "" "base YAML the overrides apply to"
-common_settings
-print_settings
-common_overrides
+finish_settings
 
 overrides=(
   "model.preset=$PRESET" "objective.name=sft"
