@@ -15,17 +15,17 @@ class PretrainObjective(Objective):
 
     name = "pretrain"
 
+    def model_inputs(self, batch):
+        """``(tokens, labels, position_ids, packed_seq_params)`` the model is called with."""
+        return batch["tokens"], batch["labels"], batch["position_ids"], None
+
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)
-        tokens = batch["tokens"]
-        labels = batch["labels"]
-        loss_mask = batch["loss_mask"].float()
-        position_ids = batch["position_ids"]
+        tokens, labels, position_ids, packed = self.model_inputs(batch)
         # Given labels, GPTModel returns the per-token loss [b, s] from vocab-parallel
         # cross entropy in fp32 (exact under tensor parallelism).
-        output = model(tokens, position_ids, None, labels=labels)
-        dataset_id = batch.get("dataset_id")
-        return output, partial(self.loss_func, loss_mask, dataset_id)
+        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
+        return output, partial(self.loss_func, batch["loss_mask"].float(), batch.get("dataset_id"))
 
     def loss_func(self, loss_mask: torch.Tensor, dataset_id, output: torch.Tensor):
         """Summed masked loss, valid-token count and metric sums of one micro-batch."""

@@ -8,7 +8,6 @@ attention and RoPE positions stay within each conversation.
 """
 from __future__ import annotations
 
-from functools import partial
 from typing import Tuple
 
 from engine.data.packed_seq import thd_micro_batch
@@ -32,11 +31,7 @@ class SFTObjective(PretrainObjective):
             return seq_length * micro_batch_size, 1
         return super().activation_shape(seq_length, micro_batch_size)
 
-    def forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+    def model_inputs(self, batch):
         if self.packed:
-            tokens, labels, position_ids, packed = thd_micro_batch(batch)
-        else:
-            tokens, labels, position_ids, packed = batch["tokens"], batch["labels"], batch["position_ids"], None
-        output = model(tokens, position_ids, None, labels=labels, packed_seq_params=packed)
-        return output, partial(self.loss_func, batch["loss_mask"].float(), batch.get("dataset_id"))
+            return thd_micro_batch(batch)
+        return super().model_inputs(batch)
