@@ -61,3 +61,36 @@ def test_packed_equals_each_conversation_alone(build_megatron, overrides):
     assert diff <= TOL, f"packed vs alone: max per-token loss difference {diff:.3e}"
     # Control: without THD the later conversations of a row see the earlier ones.
     assert (crossing - alone).abs().max().item() > 100 * TOL
+
+
+def test_sft_objective_trains_packed_rows_per_conversation(build_megatron):
+    """The SFT objective's forward step (the loop's entry point) really goes through THD:
+    its loss equals the sum over conversations run alone, and differs without packing."""
+    import dataclasses
+
+    from engine.objectives.sft import SFTObjective
+
+    cfg, model = build_megatron(LLAMA)
+    batch, segments = _packed_batch(cfg.model.vocab_size)
+    loss_mask = torch.zeros(len(ROWS), SEQ)
+    for r, lengths in enumerate(ROWS):
+        loss_mask[r, : sum(lengths)] = 1.0  # padding carries no loss
+    batch.update(loss_mask=loss_mask, dataset_id=torch.zeros(len(ROWS), dtype=torch.long))
+    with torch.no_grad():
+        alone = sum(
+            (model(batch["tokens"][r:r + 1, a:a + n], torch.arange(n).unsqueeze(0), None,
+                   labels=batch["labels"][r:r + 1, a:a + n])[0] * loss_mask[r, a:a + n]).sum()
+            for r, a, n in segments
+        )
+
+        def loss_of(objective):
+            output, loss_func = objective.forward_step(iter([batch]), model)
+            loss_sum, tokens, metrics = loss_func(output)
+            assert int(tokens) == int(loss_mask.sum()) and metrics["tokens_ds0"] == loss_mask.sum()
+            return loss_sum.item()
+
+        packed = loss_of(SFTObjective(cfg))
+        unpacked = loss_of(SFTObjective(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, packing=False))))
+    assert SFTObjective(cfg).activation_shape(SEQ, len(ROWS)) == (SEQ * len(ROWS), 1)
+    assert abs(packed - alone.item()) <= TOL * abs(alone.item()), (packed, alone.item())
+    assert abs(unpacked - alone.item()) > 100 * TOL * abs(alone.item())
