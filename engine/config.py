@@ -14,13 +14,62 @@ import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Annotated, Any, Dict, List, Optional, Sequence
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A config that cannot be run: unknown key, wrong type or inconsistent sizes."""
+
+
+class ConfigWarning(UserWarning):
+    """A config that runs but probably not as meant (e.g. warmup longer than the run)."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed interval of a numeric field, written in its type:
+    ``steps: Annotated[int, Range(ge=0)]``. The loader enforces it for YAML keys and
+    overrides (``_coerce``); the reference shows it. Bounds left at None are open."""
+
+    ge: Optional[float] = None
+    gt: Optional[float] = None
+    le: Optional[float] = None
+    lt: Optional[float] = None
+
+    def contains(self, value: float) -> bool:
+        """Whether ``value`` lies inside every bound (NaN and infinities never do)."""
+        if not math.isfinite(value):
+            return False
+        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
+                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+
+    def __str__(self) -> str:
+        """``>= 1``, ``> 0``, ``in [0, 1)``: how messages and the reference show the range."""
+        def num(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else repr(x)
+
+        low = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else None
+        high = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else None
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f">= {num(self.ge)}" if self.ge is not None else f"> {num(self.gt)}"
+        if high:
+            return f"<= {num(self.le)}" if self.le is not None else f"< {num(self.lt)}"
+        return "any finite number"
+
+
+def field_range(typ: Any) -> Optional[Range]:
+    """The Range written in a field's type (looking through Optional and List), or None."""
+    if typing.get_origin(typ) is Annotated:
+        return next((m for m in typ.__metadata__ if isinstance(m, Range)), None)
+    for arg in typing.get_args(typ):
+        found = field_range(arg)
+        if found is not None:
+            return found
+    return None
 
 
 # --------------------------------------------------------------------------------------
@@ -35,32 +84,32 @@ class ModelConfig:
 
     preset: Optional[str] = None
     """Name of a preset in ``models.presets`` (e.g. ``tiny-llama``, ``frankenstallm-3b``)."""
-    num_layers: int = 2
+    num_layers: Annotated[int, Range(ge=1)] = 2
     """Number of transformer layers."""
-    hidden_size: int = 64
+    hidden_size: Annotated[int, Range(ge=1)] = 64
     """Model (residual stream) width."""
-    num_attention_heads: int = 4
+    num_attention_heads: Annotated[int, Range(ge=1)] = 4
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: Optional[Annotated[int, Range(ge=1)]] = None
     """Key/value heads for grouped-query attention; None means one per query head (MHA)."""
-    kv_channels: Optional[int] = None
+    kv_channels: Optional[Annotated[int, Range(ge=1)]] = None
     """Head dimension; None means hidden_size / num_attention_heads."""
-    ffn_hidden_size: int = 256
+    ffn_hidden_size: Annotated[int, Range(ge=1)] = 256
     """Width of the dense MLP (per gate/up projection for SwiGLU)."""
-    vocab_size: int = 256
+    vocab_size: Annotated[int, Range(ge=1)] = 256
     """Tokenizer vocabulary size; the embedding is padded to ``make_vocab_size_divisible_by``."""
-    make_vocab_size_divisible_by: int = 128
+    make_vocab_size_divisible_by: Annotated[int, Range(ge=1)] = 128
     """Padding multiple for the embedding rows. Independent of TP (it must be divisible by TP)
     so a checkpoint keeps its shapes when it is loaded at another tensor-parallel size."""
-    max_seq_length: int = 128
+    max_seq_length: Annotated[int, Range(ge=1)] = 128
     """Longest sequence the model supports (learned positions table size, RoPE range)."""
     position_embedding: str = "rope"
     """``rope`` or ``learned_absolute``."""
-    rotary_base: float = 10000.0
+    rotary_base: Annotated[float, Range(gt=0)] = 10000.0
     """RoPE theta."""
     normalization: str = "RMSNorm"
     """``RMSNorm`` or ``LayerNorm`` (pre-norm in both cases)."""
-    norm_epsilon: float = 1e-5
+    norm_epsilon: Annotated[float, Range(gt=0)] = 1e-5
     """Epsilon of the normalisation layers."""
     activation: str = "swiglu"
     """MLP activation: ``swiglu`` (gated SiLU) or ``gelu``."""
@@ -68,25 +117,25 @@ class ModelConfig:
     """Biases on linear layers (GPT-2 style) or not (LLaMA style)."""
     tie_embeddings: bool = True
     """Share the input embedding and the output projection."""
-    init_std: float = 0.02
+    init_std: Annotated[float, Range(gt=0)] = 0.02
     """Standard deviation of the normal weight initialisation."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the residual branches."""
-    attention_dropout: float = 0.0
+    attention_dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """Dropout on the attention probabilities."""
-    num_experts: int = 0
+    num_experts: Annotated[int, Range(ge=0)] = 0
     """Experts per MoE layer; 0 means a dense model."""
-    moe_router_topk: int = 2
+    moe_router_topk: Annotated[int, Range(ge=1)] = 2
     """Experts each token is routed to."""
-    moe_ffn_hidden_size: Optional[int] = None
+    moe_ffn_hidden_size: Optional[Annotated[int, Range(ge=1)]] = None
     """FFN width of one expert; None means ffn_hidden_size."""
-    moe_aux_loss_coeff: float = 1e-2
+    moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 1e-2
     """Weight of the load-balancing auxiliary loss."""
     moe_token_dispatcher: str = "alltoall"
     """megatron-core token dispatcher: ``alltoall`` or ``allgather``."""
     moe_grouped_gemm: bool = False
     """Use grouped GEMM experts (needs TransformerEngine)."""
-    sliding_window: int = 0
+    sliding_window: Annotated[int, Range(ge=0)] = 0
     """Sliding-window attention span in tokens; 0 means full causal attention everywhere."""
     sliding_window_layers: str = "all"
     """Which layers use the window: ``all``, ``even`` or ``odd`` (0-based layer index)."""
@@ -96,15 +145,15 @@ class ModelConfig:
 class ParallelConfig:
     """How the model and data are split over ranks. Data parallel = world / (TP x PP x CP)."""
 
-    tensor: int = 1
+    tensor: Annotated[int, Range(ge=1)] = 1
     """Tensor-parallel size (splits heads and FFN columns)."""
-    pipeline: int = 1
+    pipeline: Annotated[int, Range(ge=1)] = 1
     """Pipeline-parallel stages."""
-    virtual_pipeline: Optional[int] = None
+    virtual_pipeline: Optional[Annotated[int, Range(ge=1)]] = None
     """Model chunks per pipeline rank (interleaved 1F1B); None for plain 1F1B."""
-    context: int = 1
+    context: Annotated[int, Range(ge=1)] = 1
     """Context-parallel size (splits the sequence; needs TransformerEngine)."""
-    expert: int = 1
+    expert: Annotated[int, Range(ge=1)] = 1
     """Expert-parallel size (splits the experts of each MoE layer)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism with TP (needs TransformerEngine or apex norms; refused
@@ -127,7 +176,7 @@ class BlendEntry:
     """Name shown in the logs (realised token share); empty means the file name."""
     path: str = ""
     """Dataset prefix (``path.bin``/``path.idx``)."""
-    weight: float = 1.0
+    weight: Annotated[float, Range(gt=0)] = 1.0
     """Relative weight of this dataset in the blend."""
 
 
@@ -137,26 +186,26 @@ class DataConfig:
 
     paths: List[str] = field(default_factory=list)
     """Dataset prefixes (``name`` for ``name.bin``/``name.idx``)."""
-    weights: Optional[List[float]] = None
+    weights: Optional[List[Annotated[float, Range(gt=0)]]] = None
     """Blend weights, one per path; None means proportional to size."""
     blend: List[BlendEntry] = field(default_factory=list)
-    """Named alternative to ``paths``/``weights``: a list of ``{name, path, weight}``; it fills
-    ``paths`` and ``weights``, and its names label the logged shares."""
+    """Named alternative to ``paths``/``weights``: a list of ``{name, path, weight}`` (weight > 0);
+    it fills ``paths`` and ``weights``, and its names label the logged shares."""
     split: str = "98,1,1"
     """Train/valid/test split of every dataset, in parts."""
     tokenizer: Optional[str] = None
     """Tokenizer directory or ``.model`` file; its EOS id ends documents, its size sizes the vocab."""
-    eod_id: int = 0
+    eod_id: Annotated[int, Range(ge=0)] = 0
     """End-of-document id of the data when ``tokenizer`` is not given (else the tokenizer's)."""
-    seq_length: int = 128
+    seq_length: Annotated[int, Range(ge=1)] = 128
     """Training sequence length."""
     cache_dir: Optional[str] = None
     """Where megatron-core writes its index caches; None means ``<checkpoint.dir>/data_cache``."""
     mock: bool = False
     """Random tokens instead of files (benchmarks only)."""
-    seed: int = 1234
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 1234
     """Seed of the dataset shuffles (independent of the model seed)."""
-    num_workers: int = 0
+    num_workers: Annotated[int, Range(ge=0)] = 0
     """DataLoader worker processes per rank."""
     chat_template: str = "chatml"
     """Chat template of SFT/preference data and generation: ``chatml``, ``alpaca`` or a path to a
@@ -167,9 +216,9 @@ class DataConfig:
     (TransformerEngine or the torch-native spec). Not combinable with ``parallel.context`` > 1."""
     replay_paths: List[str] = field(default_factory=list)
     """SFT: pretraining dataset prefixes replayed next to the SFT data (full loss mask)."""
-    replay_weights: Optional[List[float]] = None
+    replay_weights: Optional[List[Annotated[float, Range(gt=0)]]] = None
     """SFT: blend weights of ``replay_paths``; None means proportional to size."""
-    replay_ratio: float = 0.0
+    replay_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """SFT: target share of replayed data in training, e.g. 0.3; realised share is logged."""
     replay_by: str = "tokens"
     """SFT: what the replay ratio counts: ``tokens`` (loss tokens) or ``samples``."""
@@ -179,19 +228,19 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW through megatron-core's optimizer (fp32 master weights and state)."""
 
-    lr: float = 3e-4
+    lr: Annotated[float, Range(gt=0)] = 3e-4
     """Peak learning rate."""
-    min_lr: float = 3e-5
+    min_lr: Annotated[float, Range(ge=0)] = 3e-5
     """Learning rate at the end of the decay."""
-    weight_decay: float = 0.1
+    weight_decay: Annotated[float, Range(ge=0)] = 0.1
     """Decoupled weight decay; never applied to norms, biases and embeddings."""
-    beta1: float = 0.9
+    beta1: Annotated[float, Range(ge=0, lt=1)] = 0.9
     """Adam beta1."""
-    beta2: float = 0.95
+    beta2: Annotated[float, Range(ge=0, lt=1)] = 0.95
     """Adam beta2."""
-    eps: float = 1e-8
+    eps: Annotated[float, Range(gt=0)] = 1e-8
     """Adam epsilon."""
-    clip_grad: float = 1.0
+    clip_grad: Annotated[float, Range(ge=0)] = 1.0
     """Global gradient-norm clipping threshold (0 disables)."""
 
 
@@ -199,11 +248,11 @@ class OptimizerConfig:
 class ScheduleConfig:
     """Learning-rate schedule: linear warmup then decay to ``optimizer.min_lr``."""
 
-    warmup_steps: int = 0
+    warmup_steps: Annotated[int, Range(ge=0)] = 0
     """Steps of linear warmup from 0 to the peak LR."""
     decay_style: str = "cosine"
     """``cosine``, ``linear`` or ``constant``."""
-    decay_steps: Optional[int] = None
+    decay_steps: Optional[Annotated[int, Range(ge=1)]] = None
     """Steps from the start to the end of the decay; None means ``training.steps``."""
 
 
@@ -211,17 +260,17 @@ class ScheduleConfig:
 class TrainingConfig:
     """Batch sizes, length of the run, evaluation and the objective."""
 
-    steps: int = 100
+    steps: Annotated[int, Range(ge=0)] = 100
     """Optimizer steps to train for (0 writes the freshly initialised model as a checkpoint)."""
-    global_batch_size: int = 8
+    global_batch_size: Annotated[int, Range(ge=1)] = 8
     """Sequences per optimizer step, over all data-parallel ranks."""
-    micro_batch_size: int = 1
+    micro_batch_size: Annotated[int, Range(ge=1)] = 1
     """Sequences per forward pass on one rank."""
-    seed: int = 1234
+    seed: Annotated[int, Range(ge=0, le=2**32 - 1)] = 1234
     """Seed of weight initialisation and dropout."""
-    eval_interval: int = 0
+    eval_interval: Annotated[int, Range(ge=0)] = 0
     """Steps between validation runs; 0 disables validation."""
-    eval_steps: int = 2
+    eval_steps: Annotated[int, Range(ge=1)] = 2
     """Global batches per validation run."""
     recompute: str = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
@@ -236,15 +285,15 @@ class ObjectiveConfig:
     name: str = "pretrain"
     """Objective: ``pretrain`` (next-token loss on every token), ``sft`` (loss on assistant
     tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs)."""
-    orpo_lambda: float = 0.25
+    orpo_lambda: Annotated[float, Range(ge=0)] = 0.25
     """ORPO: weight of the odds-ratio term (TRL's ``beta``); rewards are reported as lambda x mean log-prob."""
     nll_includes_prompt: bool = False
     """ORPO: the NLL term also covers the prompt tokens of the chosen sequence (TRL's behaviour)."""
-    beta: float = 0.1
+    beta: Annotated[float, Range(gt=0)] = 0.1
     """DPO: inverse temperature of the implicit reward."""
     dpo_loss: str = "sigmoid"
     """DPO loss: ``sigmoid`` (with ``label_smoothing``), ``ipo`` or ``hinge``."""
-    label_smoothing: float = 0.0
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
     """DPO sigmoid loss: assumed probability that a preference label is flipped (conservative DPO)."""
     reference: Optional[str] = None
     """DPO: reference checkpoint whose log-probabilities are computed once (forward only) and
@@ -275,9 +324,9 @@ class PrecisionConfig:
     first_last_layers_bf16: bool = False
     """Run the first ``num_layers_at_start_in_bf16`` and last ``num_layers_at_end_in_bf16``
     transformer layers in bf16 instead of FP8 (not with the delayed recipe)."""
-    num_layers_at_start_in_bf16: int = 1
+    num_layers_at_start_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
-    num_layers_at_end_in_bf16: int = 1
+    num_layers_at_end_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
 
 
@@ -285,18 +334,18 @@ class PrecisionConfig:
 class ProfileConfig:
     """Profiling windows (Nsight Systems, torch.profiler) and out-of-memory snapshots."""
 
-    start_step: int = 0
+    start_step: Annotated[int, Range(ge=0)] = 0
     """First step inside the profiling window (``cudaProfilerStart`` before it); 0 means no window."""
-    end_step: int = 0
+    end_step: Annotated[int, Range(ge=0)] = 0
     """Last step inside the window (``cudaProfilerStop`` after it); 0 means ``start_step``."""
-    ranks: List[int] = field(default_factory=lambda: [0])
+    ranks: List[Annotated[int, Range(ge=0)]] = field(default_factory=lambda: [0])
     """Global ranks that open the window (an empty list means every rank)."""
     nvtx: bool = True
     """Emit NVTX ranges (forward-backward, optimizer, data, checkpoint) on CUDA for Nsight."""
     torch_profiler: bool = False
     """Also record the window with ``torch.profiler``: a Chrome trace and a table of the top
     kernels/ops in ``<profile.dir>``."""
-    top_ops: int = 25
+    top_ops: Annotated[int, Range(ge=1)] = 25
     """Rows of the top kernels/ops table printed and written by ``torch_profiler``."""
     dir: Optional[str] = None
     """Where traces, tables and memory snapshots go; None means ``<checkpoint.dir>/profile``."""
@@ -311,7 +360,7 @@ class PreemptionConfig:
 
     signals: List[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
     """Signals that make the run finish the current step, checkpoint and exit with ``exit_code``."""
-    exit_code: int = 75
+    exit_code: Annotated[int, Range(ge=0, le=255)] = 75
     """Exit code of a run stopped by a signal (75 = EX_TEMPFAIL: try again later); the SLURM
     scripts requeue the job when they see it."""
 
@@ -320,7 +369,7 @@ class PreemptionConfig:
 class LoggingConfig:
     """What is reported and where."""
 
-    interval: int = 10
+    interval: Annotated[int, Range(ge=1)] = 10
     """Steps between log lines."""
     dir: Optional[str] = None
     """TensorBoard/metrics directory; None means ``<checkpoint.dir>/logs``."""
@@ -340,9 +389,9 @@ class CheckpointConfig:
     """Run directory; checkpoints go to ``<dir>/checkpoints/iter_NNNNNNN``."""
     enabled: bool = True
     """Write checkpoints at all (turn off only for throughput benchmarks)."""
-    save_interval: int = 0
+    save_interval: Annotated[int, Range(ge=0)] = 0
     """Steps between checkpoints; 0 saves only at the end."""
-    keep: int = 3
+    keep: Annotated[int, Range(ge=0)] = 3
     """Most recent checkpoints kept (older ones deleted); 0 keeps all."""
     resume: bool = False
     """Resume from the newest complete checkpoint in ``dir`` if there is one."""
@@ -390,7 +439,8 @@ class Config:
 
 
 def _field_types(cls) -> Dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    """Field name -> annotated type, keeping ``Annotated[..., Range]`` for ``_coerce``."""
+    hints = typing.get_type_hints(cls, include_extras=True)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
@@ -407,6 +457,12 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     """Check/convert one leaf value against its annotated type."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
+    if origin is Annotated:  # a numeric field with its Range
+        value = _coerce(value, args[0], path)
+        for rng in typ.__metadata__:
+            if isinstance(rng, Range) and not rng.contains(value):
+                raise ConfigError(f"'{path}' must be {rng}, got {value!r}")
+        return value
     if dataclasses.is_dataclass(typ):  # e.g. the entries of data.blend
         if not isinstance(value, dict):
             raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
@@ -686,6 +742,27 @@ def validate(cfg: Config, world_size: int) -> None:
             errors.append(f"preemption.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     if errors:
         raise ConfigError("; ".join(errors))
+    import os
+    import warnings
+
+    # Printed once, by rank 0 (or a plain process), when the trainer, `engine config` or
+    # `engine plan` validates the config; the run goes on.
+    if os.environ.get("RANK", "0") == "0":
+        for message in config_warnings(cfg):
+            warnings.warn(message, ConfigWarning, stacklevel=2)
+
+
+def config_warnings(cfg: Config) -> List[str]:
+    """Settings that run but probably not as meant; ``validate`` issues them as ConfigWarning."""
+    found: List[str] = []
+    s, steps = cfg.schedule, cfg.training.steps
+    if steps and s.warmup_steps > steps:
+        found.append(f"schedule.warmup_steps ({s.warmup_steps}) exceeds training.steps ({steps}): the "
+                     f"learning rate never reaches optimizer.lr ({cfg.optimizer.lr})")
+    if s.decay_steps is not None and s.warmup_steps >= s.decay_steps:
+        found.append(f"schedule.warmup_steps ({s.warmup_steps}) is not below schedule.decay_steps "
+                     f"({s.decay_steps}): the decay is stretched to end at step {s.warmup_steps + 1}")
+    return found
 
 
 def padded_vocab_size(model: ModelConfig) -> int:

@@ -29,8 +29,12 @@ def _type_name(tp) -> str:
     return text if not isinstance(tp, type) else tp.__name__
 
 
+def _is_list(tp) -> bool:
+    return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+
+
 def reference_markdown() -> str:
-    """Markdown tables of every config section: key, type, default, meaning."""
+    """Markdown tables of every config section: key, type, allowed range, default, meaning."""
     lines: List[str] = []
     root = config_module.Config()
     for f in dataclasses.fields(config_module.Config):
@@ -38,13 +42,17 @@ def reference_markdown() -> str:
         cls = type(section)
         lines.append(f"### `{f.name}` — {' '.join(inspect.getdoc(cls).split())}")
         lines.append("")
-        lines.append("| key | type | default | meaning |")
-        lines.append("| --- | --- | --- | --- |")
+        lines.append("| key | type | range | default | meaning |")
+        lines.append("| --- | --- | --- | --- | --- |")
         docs = field_docs(cls)
         hints = typing.get_type_hints(cls)
+        ranged = typing.get_type_hints(cls, include_extras=True)
         for sub in dataclasses.fields(cls):
             default = getattr(section, sub.name)
-            lines.append(f"| `{f.name}.{sub.name}` | `{_type_name(hints[sub.name])}` | `{default!r}` | "
+            rng = config_module.field_range(ranged[sub.name])
+            # A list field's range applies to each element.
+            shown = "" if rng is None else f"each {rng}" if _is_list(hints[sub.name]) else str(rng)
+            lines.append(f"| `{f.name}.{sub.name}` | `{_type_name(hints[sub.name])}` | {shown} | `{default!r}` | "
                          f"{docs.get(sub.name, '').replace('|', '/')} |")
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"

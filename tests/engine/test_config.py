@@ -102,3 +102,95 @@ def test_named_blend_fills_paths_and_weights(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="not both"):
         load_config(None, ["data.paths=[/d/a]", "data.blend=[{path: /d/b}]"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_length=0", r"'data.seq_length' must be >= 1, got 0"),
+    ("training.global_batch_size=0", r"'training.global_batch_size' must be >= 1, got 0"),
+    ("training.micro_batch_size=-1", r"'training.micro_batch_size' must be >= 1, got -1"),
+    ("logging.interval=0", r"'logging.interval' must be >= 1, got 0"),
+    ("model.hidden_size=-64", r"'model.hidden_size' must be >= 1, got -64"),
+    ("optimizer.beta1=1.5", r"'optimizer.beta1' must be in \[0, 1\), got 1.5"),
+    ("checkpoint.save_interval=-1", r"'checkpoint.save_interval' must be >= 0, got -1"),
+    ("data.weights=[0.5, 0]", r"'data.weights\[1\]' must be > 0, got 0.0"),
+    ("data.replay_weights=[-1]", r"'data.replay_weights\[0\]' must be > 0, got -1.0"),
+    ("data.blend=[{path: /d/a, weight: 0}]", r"'data.blend\[0\].weight' must be > 0, got 0.0"),
+    ("optimizer.lr=.nan", r"'optimizer.lr' must be > 0, got nan"),
+    ("preemption.exit_code=256", r"'preemption.exit_code' must be in \[0, 255\], got 256"),
+    ("profile.ranks=[0, -1]", r"'profile.ranks\[1\]' must be >= 0, got -1"),
+    ("parallel.virtual_pipeline=0", r"'parallel.virtual_pipeline' must be >= 1, got 0"),
+])
+def test_out_of_range_values_name_key_value_and_range(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_range_applies_to_yaml_and_keeps_none(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  seq_length: 0\n")
+    with pytest.raises(ConfigError, match=r"'data.seq_length' must be >= 1, got 0"):
+        load_config(path)
+    cfg = load_config(None, ["model.num_query_groups=null", "schedule.decay_steps=null", "data.weights=null"])
+    assert cfg.model.num_query_groups is None and cfg.schedule.decay_steps is None
+
+
+def _numeric_leaves(cls, prefix=""):
+    """(dotted key, annotated type) of every int/float field in the tree, lists and Optionals included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls, include_extras=True)
+    plain = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = plain[f.name]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
+        base = inner[0]
+        if typing.get_origin(base) is list:
+            base = typing.get_args(base)[0]
+        if dataclasses.is_dataclass(base):
+            yield from _numeric_leaves(base, f"{prefix}{f.name}.")
+        elif base in (int, float):
+            yield f"{prefix}{f.name}", hints[f.name]
+
+
+def test_every_numeric_field_has_a_range_and_its_default_is_inside():
+    from engine.config import Config, field_range
+
+    leaves = list(_numeric_leaves(Config))
+    assert len(leaves) > 50  # the walk reaches every section (and data.blend's entries)
+    missing = [key for key, tp in leaves if field_range(tp) is None]
+    assert not missing, f"numeric config fields without a Range in their type: {missing}"
+    defaults = Config()
+    for key, tp in leaves:
+        value = defaults
+        for part in key.split("."):
+            value = getattr(value, part, None) if not isinstance(value, list) else None
+        for v in value if isinstance(value, list) else [value]:
+            assert v is None or field_range(tp).contains(v), f"default of {key} ({v}) is outside {field_range(tp)}"
+
+
+def test_reference_shows_the_ranges():
+    from engine.config_reference import reference_markdown
+
+    text = reference_markdown()
+    assert "| key | type | range | default | meaning |" in text
+    assert "| `optimizer.beta1` | `float` | in [0, 1) | `0.9` |" in text
+    assert "| `data.weights` | `Optional[List[float]]` | each > 0 |" in text
+    assert "| `logging.interval` | `int` | >= 1 | `10` |" in text
+
+
+def test_warmup_longer_than_run_or_decay_warns_but_runs(monkeypatch):
+    from engine.config import ConfigWarning
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.warns(ConfigWarning, match=r"schedule.warmup_steps \(20\) exceeds training.steps \(10\)"):
+        validate(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
+    with pytest.warns(ConfigWarning, match=r"schedule.warmup_steps \(5\) is not below schedule.decay_steps \(5\)"):
+        validate(_cfg("training.steps=10", "schedule.warmup_steps=5", "schedule.decay_steps=5"), 1)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConfigWarning)
+        validate(_cfg("training.steps=10", "schedule.warmup_steps=3"), 1)
+        monkeypatch.setenv("RANK", "1")  # only rank 0 prints it
+        validate(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
