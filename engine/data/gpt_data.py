@@ -8,6 +8,7 @@ whatever the world size.
 """
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,12 @@ def check_split_sizes(cfg: Config, needed: Sequence[int]) -> None:
 
 
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_samples: int = 0):
-    """(train, valid, test) datasets via megatron-core's BlendedMegatronDatasetBuilder."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    """(train, valid, test) datasets over ``data.paths`` (or mock data), built from megatron-core
+    one-epoch GPTDatasets chained by :class:`EpochChain` and blended by its BlendedDataset.
+
+    Sample ``i`` of each split depends on the files, ``data.seed``, ``data.split`` and
+    ``data.seq_length`` only, never on the requested sizes: a run extended to more steps reads,
+    from its saved position on, exactly what the uninterrupted longer run would have read."""
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     ids = token_ids(cfg)
@@ -124,8 +129,119 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_sam
         create_attention_mask=False,
     )
     cls = MockGPTDataset if cfg.data.mock else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(cls, sizes, lambda: True, ds_config)
-    return builder.build()
+    prefixes = [None] if cfg.data.mock else list(cfg.data.paths)
+    lows = [cls.build_low_level_dataset(p, ds_config) for p in prefixes]
+    out = []
+    for split_id, (bounds, size) in enumerate(zip(ds_config.split_matrix, sizes)):
+        if bounds is None:
+            out.append(None)
+            continue
+        chains = [EpochChain(cls, low, p, _split_indices(cls.numel_low_level_dataset(low), bounds),
+                             split_id, ds_config) for p, low in zip(prefixes, lows)]
+        if len(chains) == 1:
+            chains[0].extend(size)
+            out.append(chains[0])
+        else:
+            out.append(_blend(chains, cfg.data.weights, size, ds_config))
+    return out
+
+
+def _split_indices(num_elements: int, bounds) -> np.ndarray:
+    """Sequence indices of one split, cut as megatron-core's builder cuts them."""
+    beg, end = int(round(bounds[0] * float(num_elements))), int(round(bounds[1] * float(num_elements)))
+    return np.arange(start=beg, stop=end, step=1, dtype=np.int32)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Shuffle seed of epoch ``epoch``: ``seed`` for the first (megatron-core's own one-epoch
+    order), a SeedSequence draw from ``(seed, epoch)`` after it."""
+    if epoch == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), int(epoch)]).generate_state(1)[0])
+
+
+class EpochChain(torch.utils.data.Dataset):
+    """One split of one dataset as a sequence of epochs, each a one-epoch megatron-core dataset.
+
+    megatron-core shuffles all the epochs a run asks for as one permutation (and separates a
+    short final epoch), so its order is a function of the requested sample count. Here epoch
+    ``e`` is its own ``GPTDataset`` built with ``num_samples=None`` (exactly one epoch, cached
+    by megatron-core under its own key) and seed :func:`epoch_seed` ``(data.seed, e)``; sample
+    ``i`` is therefore the same whatever total is requested. Each epoch drops its last partial
+    sequence (fewer than ``seq_length`` tokens) instead of continuing it into the next."""
+
+    def __init__(self, cls, low_level, dataset_path: Optional[str], indices: np.ndarray, split_id: int,
+                 config) -> None:
+        from megatron.core.datasets.utils import Split
+
+        self.cls, self.low_level, self.dataset_path, self.indices = cls, low_level, dataset_path, indices
+        self.index_split = Split(split_id)
+        self.config = config
+        self.epochs: List[object] = []
+        self.ends: List[int] = []  # cumulative sample counts after each epoch
+        self._add_epoch()
+        # BlendedDataset keys its cache on this; the first epoch's identifiers name the data,
+        # split, seed and length, "epochs" the rule that derives the later ones.
+        self.unique_identifiers = {"class": "EpochChain", "epochs": "one-epoch GPTDatasets, seed epoch_seed(seed, e)",
+                                   "first_epoch": self.epochs[0].unique_identifiers}
+
+    def _add_epoch(self) -> None:
+        import dataclasses
+
+        from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+        e = len(self.epochs)
+        config = self.config if e == 0 else dataclasses.replace(
+            self.config, random_seed=epoch_seed(self.config.random_seed, e))
+        # build_generic_dataset: rank 0 writes the index cache, the others read it after a barrier.
+        ds = BlendedMegatronDatasetBuilder.build_generic_dataset(
+            self.cls, lambda: True, True, self.low_level, self.dataset_path, self.indices, None,
+            self.index_split, config)
+        self.epochs.append(ds)
+        self.ends.append((self.ends[-1] if self.ends else 0) + len(ds))
+
+    @property
+    def epoch_length(self) -> int:
+        """Samples in one epoch."""
+        return self.ends[0]
+
+    def extend(self, num_samples: int) -> None:
+        """Build epochs until at least ``num_samples`` samples exist (collective on every rank)."""
+        if num_samples > 0 and self.epoch_length == 0:
+            raise ConfigError(f"the {self.index_split.name} split of {self.dataset_path or 'the mock data'} "
+                              f"holds no sequence of data.seq_length tokens")
+        while self.ends[-1] < num_samples:
+            self._add_epoch()
+
+    def __len__(self) -> int:
+        return self.ends[-1]
+
+    def __getitem__(self, i: int) -> Dict:
+        i = int(i)
+        e = bisect.bisect_right(self.ends, i)
+        if e >= len(self.epochs):
+            raise IndexError(f"sample {i} of {len(self)}")
+        return self.epochs[e][i - (self.ends[e - 1] if e else 0)]
+
+
+def _blend(chains: List[EpochChain], weights: Optional[Sequence[float]], size: int, config):
+    """megatron-core's BlendedDataset of ``size`` samples over ``chains``.
+
+    Its greedy blending index is prefix-stable for fixed weights, so the weights are the
+    configured ones or, for None, the chains' one-epoch lengths (not megatron's "all the
+    samples built", which grows with the run). Each chain is extended to what the index draws."""
+    from megatron.core.datasets import helpers
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.utils import normalize
+
+    w = [float(x) for x in weights] if weights else [float(c.epoch_length) for c in chains]
+    index = np.zeros(size, dtype=np.int16)
+    helpers.build_blending_indices(index, np.zeros(size, dtype=np.int64), normalize(w), len(chains), size, False)
+    for chain, count in zip(chains, np.bincount(index, minlength=len(chains)).tolist()):
+        chain.extend(count)
+    return BlendedMegatronDatasetBuilder.build_generic_dataset(BlendedDataset, lambda: True, True, chains, w, size,
+                                                               config)
 
 
 class MicroBatchSampler:

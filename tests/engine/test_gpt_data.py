@@ -60,3 +60,39 @@ def test_sampler_splits_global_batches_over_data_parallel_ranks():
         seen += [i for mb in MicroBatchSampler(24, 8, 2, rank, 2) for i in mb]
     assert sorted(seen) == list(range(8, 24))  # every sample once, none before the position
     assert list(MicroBatchSampler(16, 8, 2, 1, 2)) == [[10, 11], [14, 15]]
+
+
+@pytest.fixture(scope="module")
+def small_datasets(tmp_path_factory, megatron_single_rank):
+    """Two ~30-document datasets: one epoch is ~100 sequences of 32 tokens, so runs cross several."""
+    d = tmp_path_factory.mktemp("epochs")
+    return str(write_synthetic_dataset(d / "a", 30, seed=3)), str(write_synthetic_dataset(d / "b", 20, seed=4))
+
+
+def _token_rows(ds, n):
+    return [ds[i]["tokens"].numpy().tobytes() + bytes([int(ds[i].get("dataset_id", 0))]) for i in range(n)]
+
+
+@pytest.mark.parametrize("weights", [None, "[0.6,0.4]"])
+def test_sample_order_does_not_depend_on_the_requested_length(tmp_path, small_datasets, weights):
+    # megatron-core shuffles all requested epochs at once: asking for more samples (a run
+    # extended with a larger training.steps) used to reorder the samples already consumed.
+    a, b = small_datasets
+    extra = [f"data.weights={weights}"] if weights else []
+    cfg = _cfg(tmp_path, f"[{a},{b}]", "data.split=100,0,0", *extra)
+    short, _, _ = build_datasets(cfg, 300, 0)
+    long, _, _ = build_datasets(cfg, 1200, 0)
+    first = short.datasets[0]
+    assert len(first.epochs) >= 2 and len(long.datasets[0].epochs) > len(first.epochs)  # epochs crossed
+    assert _token_rows(short, 300) == _token_rows(long, 300)
+
+
+def test_single_dataset_order_is_stable_and_each_epoch_visits_every_document(tmp_path, small_datasets):
+    a, _ = small_datasets
+    cfg = _cfg(tmp_path, f"[{a}]", "data.split=100,0,0")
+    short, _, _ = build_datasets(cfg, 150, 0)
+    long, _, _ = build_datasets(cfg, 500, 0)
+    assert _token_rows(short, 150) == _token_rows(long, 150)
+    docs = [np.asarray(e.document_index) for e in long.epochs]
+    assert len(docs) >= 3 and all(sorted(d.tolist()) == list(range(30)) for d in docs)  # each doc once per epoch
+    assert not np.array_equal(docs[0], docs[1])  # in a fresh order
