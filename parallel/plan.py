@@ -279,9 +279,16 @@ def _precision_key(cfg: Config, gpu: str) -> str:
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
               reserve: float = 0.10, on_cpu: bool = False) -> Plan:
     """Plan ``cfg`` on ``nodes x gpus_per_node`` GPUs of kind ``gpu``; validates the layout first."""
-    from engine.config import validate
+    from engine.config import ConfigError, validate
     from engine.metrics import PEAK_TFLOPS, flops_per_token
 
+    # The CLI checks these in argparse; callers of the function get the same words.
+    for name, value, ok, shown in (("nodes", nodes, nodes >= 1, ">= 1"),
+                                   ("gpus_per_node", gpus_per_node, gpus_per_node >= 1, ">= 1"),
+                                   ("mfu", mfu, 0 < mfu <= 1, "in (0, 1]"),
+                                   ("reserve", reserve, 0 <= reserve < 1, "in [0, 1)")):
+        if not ok:
+            raise ConfigError(f"plan: {name} must be {shown}, got {value}")
     world = nodes * gpus_per_node
     validate(cfg, world)
     p, t = cfg.parallel, cfg.training

@@ -13,16 +13,35 @@ import json
 from parallel.plan import GIB, GPU_MEMORY_GB
 
 
+def _number(kind, low: float, high: float, closed_low: bool, closed_high: bool, shown: str):
+    """An argparse ``type=`` that parses ``kind`` and accepts only ``shown`` (a one-line error otherwise)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}")
+        inside = ((value >= low if closed_low else value > low) and (value <= high if closed_high else value < high))
+        if not inside:  # NaN fails both comparisons
+            raise argparse.ArgumentTypeError(f"must be {shown}, got {text}")
+        return value
+    return parse
+
+
+_COUNT = _number(int, 1, float("inf"), True, False, ">= 1")
+_MFU = _number(float, 0.0, 1.0, False, True, "in (0, 1]")
+_RESERVE = _number(float, 0.0, 1.0, True, False, "in [0, 1)")
+
+
 def register(subparsers) -> None:
     """Add the ``plan`` sub-command."""
     p = subparsers.add_parser("plan", help="per-GPU memory, FLOPs and step time of a layout (no GPU needed)")
     p.add_argument("config", help="YAML config or preset name (e.g. frankenstallm-3b)")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    p.add_argument("--nodes", type=_COUNT, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=_COUNT, default=8, help="GPUs per node (default 8)")
     p.add_argument("--gpu", default="b200", choices=sorted(GPU_MEMORY_GB), help="GPU model (default b200)")
-    p.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation assumed for the step time (default 0.40)")
-    p.add_argument("--reserve", type=float, default=0.10, help="fraction of GPU memory kept free for CUDA context, "
+    p.add_argument("--mfu", type=_MFU, default=0.40, help="model FLOPs utilisation assumed for the step time (default 0.40)")
+    p.add_argument("--reserve", type=_RESERVE, default=0.10, help="fraction of GPU memory kept free for CUDA context, "
                    "NCCL buffers and fragmentation (default 0.10)")
     p.add_argument("--cpu", action="store_true", help="plan a CPU run (precision auto = fp32; no capacity check)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")

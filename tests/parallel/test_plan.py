@@ -106,3 +106,33 @@ def test_plan_memory_matches_a_measured_cpu_run(tmp_path, synthetic_data):
     planned = make_plan(from_dict(cfg), 1, 1, "cpu", on_cpu=True).gpu.total
     assert planned > 0.6 * GIB
     assert abs(measured - planned) / measured < 0.15, (measured / 2**20, planned / 2**20)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--gpus-per-node", "0"], "argument --gpus-per-node: must be >= 1, got 0"),
+    (["--nodes", "0"], "argument --nodes: must be >= 1, got 0"),
+    (["--nodes", "-2"], "argument --nodes: must be >= 1, got -2"),
+    (["--mfu", "0"], "argument --mfu: must be in (0, 1], got 0"),
+    (["--mfu", "-0.4"], "argument --mfu: must be in (0, 1], got -0.4"),
+    (["--mfu", "1.5"], "argument --mfu: must be in (0, 1], got 1.5"),
+    (["--reserve", "1"], "argument --reserve: must be in [0, 1), got 1"),
+    (["--reserve", "-0.1"], "argument --reserve: must be in [0, 1), got -0.1"),
+])
+def test_plan_cli_rejects_out_of_range_numbers_in_one_line(args, message, capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["plan", "tiny-llama", *args])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_make_plan_checks_its_numbers_too():
+    from engine.config import ConfigError
+
+    cfg = load_config(None, ["model.preset=tiny-llama", "data.mock=true"])
+    with pytest.raises(ConfigError, match=r"plan: gpus_per_node must be >= 1, got 0"):
+        make_plan(cfg, 1, 0, "b200")
+    with pytest.raises(ConfigError, match=r"plan: mfu must be in \(0, 1\], got 0"):
+        make_plan(cfg, 1, 1, "b200", mfu=0)
