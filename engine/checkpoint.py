@@ -5,13 +5,22 @@ Layout of a run directory::
     <dir>/checkpoints/iter_0000100/       # complete checkpoint (dist_checkpointing files)
         engine_meta.json                  # iteration, data position, lineage; written last
         config.yaml                       # the resolved config of the run that wrote it
+        manifest.json                     # size + CRC-32 of every other file (engine/ckpt_manifest.py)
     <dir>/checkpoints/iter_0000200.tmp/   # being written: never taken as a checkpoint
+    <dir>/checkpoints/iter_0000300.corrupt/  # failed verification, set aside by a fallback resume
 
 A checkpoint is written under a ``.tmp`` name and renamed once every rank has finished,
 so a crash mid-write leaves nothing that looks complete. The newest checkpoint is found by
 the iteration number in complete directories, never by sorting names. Model and optimizer
 state are saved in megatron-core's "fully_reshardable" format, so they load at any
 TP/PP/DP layout.
+
+Safety rules (each enforced here, not by callers' discipline):
+- no checkpoint holding a non-finite model or optimizer tensor is written (``NonFiniteStateError``);
+- a complete checkpoint is never overwritten (``CheckpointError``);
+- retention deletes only checkpoints older than the newest ``keep`` complete ones, and never
+  a protected one (the checkpoint the run started from);
+- a checkpoint is verified against its manifest before it is loaded.
 """
 from __future__ import annotations
 
@@ -26,11 +35,23 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from engine.ckpt_manifest import CorruptCheckpointError, verify_manifest, write_manifest
+from engine.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 META = "engine_meta.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint operation the run must not do (overwrite a complete checkpoint, mix
+    timelines, resume past the target). A ConfigError: the CLI reports it in one line."""
+
+
+class NonFiniteStateError(RuntimeError):
+    """Model or optimizer state holds NaN/Inf: such a state is never written as a checkpoint."""
 
 
 @dataclass
@@ -44,6 +65,8 @@ class TrainState:
     source_tokens: List[float] = field(default_factory=list)
     """Loss tokens consumed from each blended source so far (the realised mixture survives
     a resume)."""
+    skipped_steps: int = 0
+    """Optimizer steps skipped so far because the loss or gradient norm was not finite."""
 
 
 def checkpoint_root(run_dir: str) -> Path:
@@ -184,15 +207,122 @@ def _unshare_adam_steps(optimizer) -> None:
                 state["step"] = state["step"].clone()
 
 
+def _state_tensors(chunks, optimizer):
+    """(name, tensor) of every model parameter and every optimizer tensor (fp32 main params,
+    Adam moments) held by this rank."""
+    for i, c in enumerate(chunks):
+        for name, p in _unwrap(c).named_parameters():
+            yield f"model{i}.{name}", p
+    if optimizer is None:
+        return
+    for k, opt in enumerate(getattr(optimizer, "chained_optimizers", [optimizer])):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        for g, group in enumerate(inner.param_groups):
+            for j, p in enumerate(group["params"]):
+                yield f"optimizer{k}.group{g}.param{j}", p
+                for key, t in inner.state.get(p, {}).items():
+                    if torch.is_tensor(t) and t.is_floating_point():
+                        yield f"optimizer{k}.group{g}.param{j}.{key}", t
+
+
+def count_nonfinite(chunks, optimizer) -> tuple:
+    """Number of model/optimizer tensors holding NaN or Inf over all ranks (all ranks call,
+    all get the total), and up to 5 of this rank's offending names (for the message)."""
+    names, flags = [], []
+    for name, t in _state_tensors(chunks, optimizer):
+        names.append(name)
+        flags.append(torch.isfinite(t.detach()).all())
+    # One reduction for the lot: a per-tensor .item() would synchronise per tensor on GPU.
+    bad_mask = ~torch.stack(flags) if flags else torch.zeros(0, dtype=torch.bool)
+    total = bad_mask.sum().to(torch.int64).reshape(1)
+    if torch.cuda.is_available():
+        total = total.cuda()
+    dist.all_reduce(total)
+    bad_names = [n for n, b in zip(names, bad_mask.cpu().tolist()) if b][:5]
+    return int(total.item()), bad_names
+
+
+def prune_checkpoints(run_dir: str, keep: int, protect=()) -> List[Path]:
+    """Delete complete checkpoints older than the newest ``keep`` (0 keeps all), never one in
+    ``protect`` (e.g. the checkpoint this run started from); returns the deleted ones.
+
+    Only complete checkpoints are counted and kept: a half-written ``.tmp`` never pushes a
+    good checkpoint out, and since no non-finite state is ever written, the newest complete
+    checkpoint is the newest good one."""
+    if keep <= 0:
+        return []
+    protected = {Path(p).resolve() for p in protect if p is not None}
+    doomed = [d for d in list_checkpoints(run_dir)[:-keep] if d.resolve() not in protected]
+    for d in doomed:
+        shutil.rmtree(d, ignore_errors=True)
+    return doomed
+
+
+def checkpoints_after(run_dir: str, iteration: int) -> List[Path]:
+    """Complete checkpoints in ``run_dir`` with an iteration above ``iteration``."""
+    return [d for d in list_checkpoints(run_dir) if _iteration_of(d) > iteration]
+
+
+def _iteration_of(ckpt: Path) -> int:
+    return int(_ITER_DIR.match(Path(ckpt).name).group(1))
+
+
+def verify_checkpoint(ckpt: Path) -> None:
+    """Check ``ckpt``'s files against its manifest (all ranks call); raise CorruptCheckpointError
+    naming the file otherwise. A checkpoint from before manifests loads with a warning."""
+    if verify_manifest(ckpt) == "no manifest" and dist.get_rank() == 0:
+        log.warning("%s has no manifest (written by an older engine): its files are not verified", ckpt)
+
+
+def select_resume_checkpoint(run_dir: str, fallback_on_corrupt: bool) -> Optional[Path]:
+    """The newest complete checkpoint of ``run_dir`` that passes verification (all ranks call).
+
+    A corrupt newest checkpoint raises CorruptCheckpointError, unless ``fallback_on_corrupt``:
+    then it is renamed ``iter_N.corrupt`` (kept for inspection, out of the timeline, so the
+    resumed run can write iteration N again) and the previous complete one is tried."""
+    for ckpt in reversed(list_checkpoints(run_dir)):
+        try:
+            verify_checkpoint(ckpt)
+            return ckpt
+        except CorruptCheckpointError as exc:
+            if not fallback_on_corrupt:
+                raise CorruptCheckpointError(
+                    f"{exc}. Set checkpoint.fallback_on_corrupt=true to resume from the previous "
+                    "complete checkpoint instead") from None
+            aside = ckpt.with_name(ckpt.name + ".corrupt")
+            if dist.get_rank() == 0:
+                log.warning("%s; falling back to the previous complete checkpoint, moving it to %s", exc, aside)
+                if aside.exists():
+                    shutil.rmtree(aside)
+                ckpt.rename(aside)
+            dist.barrier()
+    return None
+
+
 def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, scheduler, config_yaml: str,
-                    save_optimizer: bool = True, keep: int = 0) -> Path:
-    """Write a complete checkpoint of ``state.iteration`` atomically; returns its path."""
+                    save_optimizer: bool = True, keep: int = 0, protect=()) -> Path:
+    """Write a complete checkpoint of ``state.iteration`` atomically; returns its path.
+
+    Refuses (NonFiniteStateError) when a model or optimizer tensor is non-finite on any rank,
+    and (CheckpointError) when a complete checkpoint of that iteration exists already. Files
+    are written under ``iter_N.tmp``, then ``config.yaml``, the manifest, and ``engine_meta.json``
+    (the completeness marker); then the rename, then retention (``prune_checkpoints`` with
+    ``keep`` and ``protect``)."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(run_dir)
     final = root / f"iter_{state.iteration:07d}"
     tmp = root / f"iter_{state.iteration:07d}.tmp"
     rank = dist.get_rank()
+    bad, names = count_nonfinite(chunks, optimizer if save_optimizer else None)
+    if bad:
+        raise NonFiniteStateError(
+            f"refusing to write checkpoint {final}: {bad} model/optimizer tensor(s) hold NaN or Inf"
+            + (f" (e.g. {', '.join(names)})" if names else ""))
+    if (final / META).is_file():
+        raise CheckpointError(f"refusing to overwrite the complete checkpoint {final}")
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
@@ -207,6 +337,10 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
     sd["rng_state"] = _rng_sharded_object(is_loading=False)
     sd["train_state"] = asdict(state)
     dist_checkpointing.save(sd, str(tmp), content_metadata=_SHARDING)
+    if rank == 0:
+        (tmp / "config.yaml").write_text(config_yaml)
+    dist.barrier()
+    write_manifest(tmp)  # before engine_meta.json: a complete checkpoint always has one
     dist.barrier()
 
     if rank == 0:
@@ -219,20 +353,19 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
             "format": "megatron-core dist_checkpointing",
             "objective": ((yaml.safe_load(config_yaml) or {}).get("objective") or {}).get("name"),
         }
-        (tmp / "config.yaml").write_text(config_yaml)
         (tmp / META).write_text(json.dumps(meta, indent=2))  # its presence marks completeness
-        if final.exists():
+        if final.exists():  # an incomplete leftover (no META, checked above): not a checkpoint
             shutil.rmtree(final)
         tmp.rename(final)
-        if keep > 0:
-            for old in list_checkpoints(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(run_dir, keep, protect)
     dist.barrier()
     return final
 
 
-def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True) -> TrainState:
-    """Restore model (and optionally optimizer, scheduler, RNG, progress) from ``ckpt``.
+def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True,
+                    verify: bool = True) -> TrainState:
+    """Restore model (and optionally optimizer, scheduler, RNG, progress) from ``ckpt``,
+    after verifying its files against its manifest (CorruptCheckpointError names the file).
 
     The checkpoint may come from any TP/PP/DP layout. With ``load_optimizer=False`` only the
     weights are read (a fresh optimizer picks them up) and a fresh TrainState is returned."""
@@ -241,6 +374,8 @@ def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_opt
     ckpt = Path(ckpt)
     if not (ckpt / META).is_file():
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no {META})")
+    if verify:  # False only when the caller has just verified it (select_resume_checkpoint)
+        verify_checkpoint(ckpt)  # a missing/truncated/altered file: one line naming it, on every rank
     meta = read_meta(ckpt)
     sd = _model_sharded_state_dict(chunks)
     full = load_optimizer and optimizer is not None

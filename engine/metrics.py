@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import sys
 from pathlib import Path
@@ -97,12 +98,45 @@ def mfu(tokens_per_s_per_gpu: float, flops_token: float, gpu: Optional[str], pre
     return tokens_per_s_per_gpu * flops_token / (peak * 1e12)
 
 
-class MetricsWriter:
-    """Rank-0 sink for metrics: a JSONL file (one record per step), TensorBoard, wandb."""
+def truncate_jsonl(path: Path, last_step: int) -> int:
+    """Drop the records of ``path`` with ``step > last_step`` (and a torn last line), atomically
+    (a new file renamed over the old); returns how many lines were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by a crash
+            dropped += 1
+            continue
+        if isinstance(record, dict) and record.get("step", 0) > last_step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(l + "\n" for l in kept))
+        os.replace(tmp, path)
+    return dropped
 
-    def __init__(self, log_dir: str, tensorboard: bool = True, wandb_project: Optional[str] = None, run_config=None):
+
+class MetricsWriter:
+    """Rank-0 sink for metrics: a JSONL file (one record per step), TensorBoard, wandb.
+
+    ``truncate_after``: the iteration the run starts from. Records of later steps in an
+    existing ``metrics.jsonl`` were written by a run that crashed after its last checkpoint;
+    they are dropped before anything is appended, so every step appears once per split."""
+
+    def __init__(self, log_dir: str, tensorboard: bool = True, wandb_project: Optional[str] = None, run_config=None,
+                 truncate_after: Optional[int] = None):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        if truncate_after is not None:
+            dropped = truncate_jsonl(self.dir / "metrics.jsonl", truncate_after)
+            if dropped:
+                log.warning("metrics.jsonl: dropped %d record(s) after step %d (not in the checkpoint resumed from)",
+                            dropped, truncate_after)
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
@@ -151,6 +185,7 @@ def format_line(step: int, total: int, m: Dict[str, Optional[float]]) -> str:
         f"tok/s/gpu {f('tokens_per_s_per_gpu', ',.0f')} | tok/s {f('tokens_per_s', ',.0f')} | "
         f"MFU {('n/a' if m.get('mfu') is None else format(100 * m['mfu'], '.1f') + '%')} | "
         f"peak mem {f('peak_mem_gib', '.2f', ' GiB')}"
+        + (f" | skipped {m['skipped_total']}" if m.get("skipped_total") else "")
     )
 
 

@@ -3,8 +3,16 @@
 ``Trainer(cfg).fit()`` is the whole run. One step is readable in ``train_step``: zero the
 gradient buffers, run megatron-core's forward-backward schedule over the micro-batches
 (it finalises gradients: DP reduction, tied-embedding sync, division by the global number
-of valid tokens), reduce the metrics, refuse a non-finite loss, step the optimizer and the
-schedule.
+of valid tokens), reduce the metrics, then the optimizer step from megatron-core's pieces
+(``prepare_grads``, ``get_grad_norm``, clipping, ``step_with_ready_grads``) so that a
+non-finite loss or gradient norm skips the update on every rank alike.
+
+Non-finite steps (policy): a step whose loss or gradient norm is NaN/Inf is skipped: no
+update, no scheduler step, but the iteration and the data position advance (as Megatron-LM
+does), and the step is logged with ``skipped 1``. More than ``training.max_skipped_steps``
+consecutive skipped steps stop the run (exit 3, NonFiniteLossError) after checkpointing the
+unchanged, finite state when ``training.exit_on_nonfinite``; otherwise the run goes on and
+counts them (``skipped_total``). A checkpoint is never written from non-finite state.
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the state before the bad step has been checkpointed."""
+    """Training met non-finite values it must not go on with: more consecutive non-finite steps
+    than ``training.max_skipped_steps`` (the finite state has been checkpointed), or non-finite
+    weights at a checkpoint (nothing written). The CLI exits with code 3."""
 
 
 class StopTraining(Exception):
@@ -121,28 +131,51 @@ class Trainer:
         self.objective.prepare(self)
         self.callbacks = build_callbacks(cfg)
         self._stop = None
+        self._saved_path: Optional[Path] = None
 
         self.gpu = cfg.logging.gpu or detect_gpu()
         self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
         self.writer: Optional[MetricsWriter] = None
         if self.env.rank == 0:
             log_dir = cfg.logging.dir or str(Path(cfg.checkpoint.dir) / "logs")
-            self.writer = MetricsWriter(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict())
+            # Records past the start iteration belong to an abandoned timeline (a crash after
+            # the last checkpoint): dropped, so each step is recorded once.
+            self.writer = MetricsWriter(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
+                                        truncate_after=self.state.iteration)
 
     def _maybe_load(self) -> None:
+        """Resume, load or initialise from a checkpoint, after the timeline checks.
+
+        Refused (CheckpointError, before anything is written): resuming/loading a checkpoint
+        whose iteration is beyond ``training.steps``, and any run whose ``checkpoint.dir``
+        holds complete checkpoints newer than the iteration it starts from (they belong to
+        another timeline that this run would interleave with and prune)."""
         cfg = self.cfg.checkpoint
-        source = None
+        source, verified = None, False
+        self.start_ckpt: Optional[Path] = None
         if cfg.load:
             source, full = Path(cfg.load), True
         elif cfg.resume:
-            source, full = ckpt_lib.latest_checkpoint(cfg.dir), True
+            source, full = ckpt_lib.select_resume_checkpoint(cfg.dir, cfg.fallback_on_corrupt), True
+            verified = source is not None
             if source is None:
                 print_rank0(f"resume: no complete checkpoint in {cfg.dir}; starting from scratch")
         if source is None and cfg.init_from:
             source, full = Path(cfg.init_from), False
+        start = 0
+        if source is not None and full and (source / ckpt_lib.META).is_file():
+            start = ckpt_lib.read_meta(source)["iteration"]
+            if self.cfg.training.steps < start:
+                raise ckpt_lib.CheckpointError(
+                    f"training.steps={self.cfg.training.steps} is behind the checkpoint {source} (iteration "
+                    f"{start}): resuming would rewrite its timeline. Set training.steps >= {start}, or start "
+                    "a new run (another checkpoint.dir, with checkpoint.init_from for its weights)")
+        self._check_timeline(start)
         if source is None:
             return
-        self.state = ckpt_lib.load_checkpoint(source, self.model, self.optimizer, self.scheduler, load_optimizer=full)
+        self.start_ckpt = source if full else None
+        self.state = ckpt_lib.load_checkpoint(source, self.model, self.optimizer, self.scheduler, load_optimizer=full,
+                                              verify=not verified)
         if not full:
             self.state.lineage = ckpt_lib.read_meta(source).get("lineage", []) + [
                 {"init_from": str(source), "iteration": ckpt_lib.read_meta(source)["iteration"],
@@ -151,6 +184,20 @@ class Trainer:
         what = "resumed" if full else "initialised weights"
         print_rank0(f"{what} from {source} (iteration {self.state.iteration}, "
                     f"consumed samples {self.state.consumed_train_samples})")
+
+    def _check_timeline(self, start: int) -> None:
+        """Refuse to write into a directory that holds complete checkpoints newer than ``start``."""
+        c = self.cfg.checkpoint
+        if not c.enabled:
+            return
+        newer = ckpt_lib.checkpoints_after(c.dir, start)
+        if newer:
+            names = ", ".join(d.name for d in newer)
+            raise ckpt_lib.CheckpointError(
+                f"{ckpt_lib.checkpoint_root(c.dir)} holds complete checkpoints newer than iteration {start}, "
+                f"where this run starts: {names}. This run would interleave another timeline with them, "
+                "overwrite and prune them. Use another checkpoint.dir, resume the newest "
+                "(checkpoint.resume=true), or delete them")
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -210,7 +257,11 @@ class Trainer:
         return dict(zip(names, vec.cpu().tolist()))
 
     def train_step(self) -> Dict[str, float]:
-        """One optimizer step over one global batch; returns the step's metrics."""
+        """One optimizer step over one global batch; returns the step's metrics.
+
+        ``metrics["skip"]`` says why the update was not applied: None (applied),
+        ``"nonfinite"`` (loss or gradient norm NaN/Inf) or ``"loss_scale"`` (fp16 dynamic loss
+        scaling found Inf and lowered the scale: routine, not counted against the policy)."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -218,14 +269,47 @@ class Trainer:
             sums = self._forward_backward(self.train_iters, forward_only=False)
         metrics = self.objective.finalize_metrics(sums)
         metrics["sums"] = sums
-        if not math.isfinite(metrics["loss"]):
-            return metrics  # the caller checkpoints the (intact) state and stops
         with nvtx_range("optimizer-step"):
-            ok, grad_norm, _ = self.optimizer.step()
-            self.scheduler.step(increment=1)
+            skip, grad_norm = self._optimizer_step(metrics["loss"])
+        metrics["skip"] = skip
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
         return metrics
+
+    def _optimizer_step(self, loss: float):
+        """megatron-core's ``optimizer.step()`` split open so the finiteness check sits between
+        the gradient norm and the update (megatron-core's own step only reacts to the fp16
+        loss scaler's inf check and applies a NaN gradient otherwise).
+
+        Returns (skip reason or None, grad norm). The norm is megatron-core's (reduced over the
+        model-parallel / distributed-optimizer ranks); the finite flag combines it with the
+        globally reduced loss and is min-reduced over the world (one scalar) so every rank
+        takes the same branch. The scheduler steps only with an applied update."""
+        from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+        opt = self.optimizer
+        if opt.prepare_grads():  # model grads -> fp32 main grads; fp16: unscale, inf check, scaler update
+            return "loss_scale", None
+        grad_norm = opt.get_grad_norm()
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        finite = math.isfinite(loss) and grad_norm is not None and math.isfinite(grad_norm)
+        flag = torch.tensor([1.0 if finite else 0.0], dtype=torch.float32)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if flag.item() < 1.0:
+            return "nonfinite", grad_norm
+        for o in getattr(opt, "chained_optimizers", [opt]):  # as ChainedOptimizer.step clips
+            if getattr(o, "is_stub_optimizer", False) or o.config.clip_grad <= 0.0:
+                continue
+            params = o.get_parameters()
+            if params:
+                clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=grad_norm,
+                                             use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        if not opt.step_with_ready_grads():
+            return "nonfinite", grad_norm
+        self.scheduler.step(increment=1)
+        return None, grad_norm
 
     def evaluate(self) -> Dict[str, float]:
         """The objective's finalized metrics over ``training.eval_steps`` global batches of
@@ -249,15 +333,30 @@ class Trainer:
 
     # -------------------------------------------------------------------------------- run
     def save(self) -> Optional[Path]:
-        """Checkpoint the current state (all ranks must call); None when checkpoints are off."""
+        """Checkpoint the current state (all ranks must call); None when checkpoints are off.
+
+        The checkpoint of this iteration that this run wrote or started from is returned as
+        it is (a complete checkpoint is never overwritten). Non-finite state is not written:
+        NonFiniteLossError, and every older checkpoint stays (retention did not run)."""
         c = self.cfg.checkpoint
         if not c.enabled:
             return None
+        final = ckpt_lib.checkpoint_root(c.dir) / f"iter_{self.state.iteration:07d}"
+        ours = {self._saved_path, self.start_ckpt}
+        if (final / ckpt_lib.META).is_file() and any(p is not None and Path(p).resolve() == final.resolve()
+                                                     for p in ours):
+            return final
         # Before the first step the optimizer holds no state: such a checkpoint is weights only.
         with_optimizer = c.save_optimizer and self.state.iteration > 0
-        with nvtx_range("checkpoint"):
-            path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
-                                            self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep)
+        try:
+            with nvtx_range("checkpoint"):
+                path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
+                                                self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep,
+                                                protect=[self.start_ckpt])
+        except ckpt_lib.NonFiniteStateError as exc:
+            newest = ckpt_lib.latest_checkpoint(c.dir)
+            raise NonFiniteLossError(f"{exc}; the newest complete checkpoint is {newest}") from None
+        self._saved_path = path
         print_rank0(f"saved checkpoint {path}")
         return path
 
@@ -274,6 +373,7 @@ class Trainer:
             m.train()
         for cb in self.callbacks:
             cb.on_train_start(self)
+        consecutive_skips = 0
         while self.state.iteration < t.steps:
             for cb in self.callbacks:
                 cb.on_step_start(self, self.state.iteration + 1)
@@ -288,10 +388,14 @@ class Trainer:
                 torch.cuda.synchronize()
             elapsed = time.perf_counter() - start
             sums = metrics.pop("sums")
-            if not math.isfinite(metrics["loss"]):
-                self._stop_on_nonfinite(metrics["loss"])
+            skip = metrics.pop("skip")
+            # A skipped step still consumes its batch: the data position advances, as in Megatron-LM.
             self.state.iteration += 1
             self.state.consumed_train_samples += t.global_batch_size
+            if skip is not None:
+                self.state.skipped_steps += 1
+            consecutive_skips = consecutive_skips + 1 if skip == "nonfinite" else 0
+            metrics.update(skipped=int(skip is not None), skipped_total=self.state.skipped_steps)
             for i in range(len(ds_tokens)):
                 ds_tokens[i] += sums.get(f"tokens_ds{i}", 0.0)
             metrics.update(
@@ -316,6 +420,8 @@ class Trainer:
                     line += " | share " + ", ".join(
                         f"{n} {100 * metrics[f'share/{n}']:.1f}%" for n in self.dataset_names)
                 print_rank0(line)
+            if skip == "nonfinite":
+                self._on_nonfinite(metrics, consecutive_skips)
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
                 val = self.evaluate()
                 shown = ["loss"] + [k for k in ("ppl",) + tuple(self.objective.log_keys) if k in val]
@@ -341,10 +447,19 @@ class Trainer:
             self.writer.close()
         self.run_lock.release()
 
-    def _stop_on_nonfinite(self, loss: float) -> None:
-        path = self.save() if self.cfg.training.exit_on_nonfinite else None
+    def _on_nonfinite(self, metrics: Dict[str, float], consecutive: int) -> None:
+        """Apply the non-finite policy after a skipped step (see the module docstring)."""
+        t = self.cfg.training
+        what = f"loss is {metrics['loss']}, grad_norm {metrics['grad_norm']} at step {self.state.iteration}"
+        if consecutive <= t.max_skipped_steps or not t.exit_on_nonfinite:
+            print_rank0(f"warning: {what}: update skipped ({consecutive} in a row, "
+                        f"{self.state.skipped_steps} in all; training.max_skipped_steps={t.max_skipped_steps}, "
+                        f"exit_on_nonfinite={t.exit_on_nonfinite})")
+            return
+        path = self.save()
         raise NonFiniteLossError(
-            f"loss is {loss} at step {self.state.iteration + 1}; the optimizer step was skipped"
-            + (f" and the state before it saved to {path}" if path else "")
+            f"{what}; {consecutive} consecutive step(s) skipped, more than training.max_skipped_steps="
+            f"{t.max_skipped_steps}. The update was not applied"
+            + (f" and the state (finite, data position after the skipped batch) saved to {path}" if path else "")
             + ". Lower optimizer.lr, check the data, or resume from an earlier checkpoint."
         )
