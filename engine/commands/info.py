@@ -13,6 +13,23 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+def check_target(target: str) -> None:
+    """A target that is neither a preset nor an existing file: one ConfigError listing the
+    presets, with the closest ones first (``tiny-lama`` -> ``tiny-llama``)."""
+    import difflib
+    from pathlib import Path
+
+    from engine.config import ConfigError
+    from models.presets import PRESETS
+
+    if target in PRESETS or Path(target).exists():
+        return
+    close = difflib.get_close_matches(target, list(PRESETS), n=2, cutoff=0.5)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    raise ConfigError(f"'{target}' is neither a model preset nor a config file.{hint} "
+                      f"Presets: {', '.join(PRESETS)}")
+
+
 def model_info(cfg) -> dict:
     """Build ``cfg.model`` at TP=PP=1 on the meta device and count its parameters."""
     import dataclasses
@@ -45,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from parallel.setup import shutdown
 
     logging.basicConfig(level=logging.WARNING)
+    check_target(args.target)
     if args.target in PRESETS:
         cfg = load_config(None, [f"model.preset={args.target}", *args.overrides])
     else:

@@ -50,10 +50,12 @@ def register(subparsers) -> None:
 
 def plan_from_args(args: argparse.Namespace):
     """Load the config named on the command line and plan it."""
+    from engine.commands.info import check_target
     from engine.config import load_config
     from models.presets import PRESETS
     from parallel.plan import make_plan
 
+    check_target(args.config)
     if args.config in PRESETS:
         overrides = [f"model.preset={args.config}", f"data.seq_length={PRESETS[args.config]().max_seq_length}",
                      "data.mock=true", *args.overrides]

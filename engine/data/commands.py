@@ -17,6 +17,17 @@ def _add_text_docs(p: argparse.ArgumentParser) -> None:
                    help="how plain-text files are cut into documents (default: one per line)")
 
 
+def _positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1 (a one-line error otherwise)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers) -> None:
     """Add the `tokenizer`, `preprocess` and `data` sub-commands."""
     from engine.data.tokenizer import DEFAULT_VOCAB_MULTIPLE
@@ -30,7 +41,11 @@ def register(subparsers) -> None:
     train = tok_sub.add_parser("train", help="train a tokenizer (writes tokenizer.model/.json/_meta.json)")
     train.add_argument("--input", nargs="+", required=True, metavar="FILE_OR_GLOB")
     train.add_argument("--output-dir", required=True)
-    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--vocab-size", type=_positive_int, required=True,
+                       help="pieces to train; an error names the largest size the input supports if it is less")
+    train.add_argument("--allow-smaller-vocab", action="store_true",
+                       help="keep a tokenizer smaller than --vocab-size when the input supports fewer pieces "
+                            "(a warning says the size produced)")
     train.add_argument("--model-type", choices=("unigram", "bpe"), default="unigram")
     train.add_argument("--special-tokens", nargs="*", default=list(DEFAULT_SPECIAL_TOKENS),
                        help="extra tokens reserved as single pieces (default: ChatML tokens); "
@@ -119,10 +134,13 @@ def cmd_tokenizer_train(args) -> int:
             byte_fallback=args.byte_fallback, character_coverage=args.character_coverage,
             split_digits=args.split_digits, normalization=args.normalization, seed=args.seed,
             num_threads=args.num_threads,
-            text_docs=args.text_docs,
+            text_docs=args.text_docs, allow_smaller_vocab=args.allow_smaller_vocab,
         )
     except (InputError, ValueError) as exc:
         return _error(str(exc))
+    if meta["trained_vocab_size"] < meta["requested_vocab_size"]:
+        print(f"WARNING: the input supports only {meta['trained_vocab_size']} pieces; trained that many instead of "
+              f"the {meta['requested_vocab_size']} asked (--allow-smaller-vocab)", file=sys.stderr)
     print(f"wrote {args.output_dir}/tokenizer.model, tokenizer.json, tokenizer_meta.json: "
           f"{meta['trained_vocab_size']} pieces, padded to {meta['vocab_size']} "
           f"(multiple of {meta['vocab_multiple']}), sha256 {meta['sha256'][:16]}")

@@ -31,6 +31,10 @@ UNIGRAM_SCORE_QUANTUM = 1.0 / 16
 META_FORMAT_VERSION = 1
 
 
+class VocabSizeError(ValueError):
+    """The corpus cannot support the requested vocabulary size (or the size is too small)."""
+
+
 def _is_compat_jamo(ch: str) -> bool:
     """Hangul compatibility jamo (ㄱ..ㆎ) and their halfwidth forms."""
     o = ord(ch)
@@ -114,14 +118,23 @@ def train_tokenizer(
     seed: int = 1234,
     num_threads: int = 8,
     text_docs: str = readers.TEXT_DOC_LINE,
+    allow_smaller_vocab: bool = False,
 ) -> dict:
     """Train a tokenizer on ``inputs`` (files or globs) and write it to ``output_dir``.
 
     Returns the metadata written to ``tokenizer_meta.json``. Files are first written to
     a temporary directory and moved into place only when all three exist.
+
+    Inputs without a single non-empty line raise ``InputError``. SentencePiece trains at
+    most the pieces the corpus supports; when that is fewer than ``vocab_size`` this raises
+    ``VocabSizeError`` naming the reachable size and writes nothing, unless
+    ``allow_smaller_vocab`` keeps the smaller tokenizer (``trained_vocab_size`` <
+    ``requested_vocab_size`` in the meta; the CLI prints a warning).
     """
     import sentencepiece as spm
 
+    if vocab_size < 1:
+        raise VocabSizeError(f"vocab_size must be >= 1, got {vocab_size}")
     if model_type not in ("unigram", "bpe"):
         raise ValueError(f"model_type must be unigram or bpe, got {model_type!r}")
     if normalization not in NORMALIZATIONS:
@@ -167,7 +180,16 @@ def train_tokenizer(
             # Reservoir-sample this many lines; memory stays bounded on large corpora.
             options.update(input_sentence_size=input_sentence_size, shuffle_input_sentence=True)
         spm.set_random_generator_seed(seed)
-        spm.SentencePieceTrainer.train(**options)
+        try:
+            spm.SentencePieceTrainer.train(**options)
+        except RuntimeError as exc:
+            if not stats.get("sentences"):
+                raise readers.InputError(
+                    f"no text to train on: {len(files)} input file(s), {stats.get('documents', 0)} document(s), "
+                    f"no non-empty line ({', '.join(str(f) for f in files[:3])})") from None
+            # SentencePiece's own words after its source location, e.g. "Vocabulary size is
+            # smaller than required_chars. 10 vs 718."
+            raise VocabSizeError(f"SentencePiece refused the settings: {str(exc).split('] ', 1)[-1].strip()}") from None
 
         model_bytes = _finish_model((tmp / "sp.model").read_bytes(), quantize=model_type == "unigram")
         (tmp / MODEL_FILE).write_bytes(model_bytes)
@@ -176,6 +198,13 @@ def train_tokenizer(
         write_hf_tokenizer(model_bytes, tmp / HF_FILE)
         sp = spm.SentencePieceProcessor(model_proto=model_bytes)
         trained = sp.get_piece_size()
+        # hard_vocab_limit=False lets SentencePiece stop at what the corpus supports; asking
+        # for that size again gives exactly it, so the error can name it.
+        if trained < vocab_size and not allow_smaller_vocab:
+            raise VocabSizeError(
+                f"the input supports only {trained} pieces, {vocab_size} were asked (model_type {model_type}): "
+                f"pass --vocab-size {trained} (or less), give more text, or --allow-smaller-vocab to keep "
+                f"{trained}; nothing written")
         padded = padded_vocab_size(trained, vocab_multiple)
         meta = {
             "format_version": META_FORMAT_VERSION,

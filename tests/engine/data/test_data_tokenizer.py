@@ -158,3 +158,53 @@ def test_cli_check_passes(unigram_dir, capsys):
     for name in PROBES:
         assert name in out
     assert "OK" in out
+
+
+def test_cli_train_on_empty_input_is_one_line_error(tmp_path, capsys):
+    from engine.cli import main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    for path in (empty, blank):
+        assert main(["tokenizer", "train", "--input", str(path), "--output-dir", str(tmp_path / "tok"),
+                     "--vocab-size", "1000"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: no text to train on") and err.count("\n") == 1, err
+    assert not (tmp_path / "tok" / "tokenizer.model").exists()
+
+
+def test_cli_train_names_the_reachable_vocab_size(tmp_path, capsys):
+    import re
+
+    from engine.cli import main
+
+    small = tmp_path / "small.txt"
+    small.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog {i * 7}\n" for i in range(40)))
+    out = tmp_path / "tok"
+    args = ["tokenizer", "train", "--input", str(small), "--output-dir", str(out), "--model-type", "bpe"]
+    assert main([*args, "--vocab-size", "100000"]) == 1
+    err = capsys.readouterr().err
+    found = re.search(r"the input supports only (\d+) pieces, 100000 were asked", err)
+    assert found and err.count("\n") == 1, err
+    assert not (out / "tokenizer.model").exists()  # nothing written
+    reachable = int(found.group(1))
+    # The size named is one the corpus really reaches.
+    main([*args, "--vocab-size", str(reachable)])
+    assert load_tokenizer(out).trained_vocab_size == reachable
+    capsys.readouterr()
+    # Keeping the smaller tokenizer is possible, but loud.
+    main([*args, "--vocab-size", "100000", "--allow-smaller-vocab"])
+    err = capsys.readouterr().err
+    assert f"WARNING: the input supports only {reachable} pieces" in err
+    meta = json.loads((out / "tokenizer_meta.json").read_text())
+    assert (meta["trained_vocab_size"], meta["requested_vocab_size"]) == (reachable, 100000)
+
+
+def test_cli_train_rejects_nonpositive_vocab_size(tmp_path, capsys):
+    from engine.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "train", "--input", str(SAMPLE), "--output-dir", str(tmp_path), "--vocab-size", "0"])
+    assert exit_.value.code == 2 and "argument --vocab-size: must be >= 1, got 0" in capsys.readouterr().err
