@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 
 def register(subparsers) -> None:
@@ -17,6 +18,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, and tear down the process groups."""
+    from engine import process_guard
     from engine.config import load_config
     from engine.trainer import NonFiniteLossError, StopTraining, Trainer
     from parallel.setup import shutdown
@@ -26,14 +28,24 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("megatron").setLevel(logging.WARNING)
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
     cfg = load_config(args.config, overrides)
+    # A rank whose launcher died (torchrun killed with SIGKILL) stops as if signalled:
+    # checkpoint, exit 75, run lock released, instead of training on unsupervised.
+    watchdog = process_guard.ParentWatchdog(process_guard.signal_self(signal.SIGTERM)).start()
+    code = 1
     try:
-        Trainer(cfg).fit()
+        with process_guard.in_process_write_results():
+            Trainer(cfg).fit()
+        code = 0
     except NonFiniteLossError as exc:
         print(f"error: {exc}", flush=True)
-        return 3
+        code = 3
     except StopTraining as exc:
         print(f"stopped: {exc}", flush=True)
-        return exc.exit_code
+        code = exc.exit_code
     finally:
+        watchdog.stop()
         shutdown()
-    return 0
+        # Nothing this rank started may outlive the run (normal end, stop or exception).
+        process_guard.end_helper_processes()
+        process_guard.write_exit_code(code)
+    return code
