@@ -107,22 +107,51 @@ show_cmd() {
   printf '\n'
 }
 
-# Run "$@" in the background and wait for it, so this shell can receive SIGTERM/SIGUSR1
-# (and let the ranks, which received them too, finish their step and checkpoint) instead of
-# dying first. Returns the command's exit code.
+# Run "$@" in its own session and wait for it; SIGTERM, SIGUSR1 and SIGINT this shell receives
+# (kill <launcher pid>, Ctrl-C, a scheduler signalling the job) are forwarded to it once, and
+# the ranks finish their step, checkpoint and exit. Its own session: a signal sent to this
+# shell's process group must not reach torchrun twice (directly and forwarded), because
+# torchrun aborts its wait for the ranks on a second signal. Returns the command's exit code.
 run_and_wait() {
-  "$@" &
-  local pid=$! rc=0
-  trap 'echo "[launch] signal received: waiting for the ranks to checkpoint and exit"' TERM USR1 INT
+  setsid "$@" &
+  _CHILD_PID=$!
+  local rc=0 sig
+  for sig in TERM USR1 INT; do
+    # shellcheck disable=SC2064  # the signal name is fixed now, on purpose
+    trap "forward_signal $sig" "$sig"
+  done
   while true; do
     rc=0
-    wait "$pid" || rc=$?
-    if ! kill -0 "$pid" 2>/dev/null; then
+    wait "$_CHILD_PID" || rc=$?
+    if ! kill -0 "$_CHILD_PID" 2>/dev/null; then
       break
     fi
   done
   trap - TERM USR1 INT
   return "$rc"
+}
+
+forward_signal() {
+  echo "[launch] SIG$1 received: forwarded to $_CHILD_PID; waiting for the ranks to checkpoint and exit"
+  kill -s "$1" "$_CHILD_PID" 2>/dev/null || true
+}
+
+# ranks_exit_code DIR NPROC RC: torchrun exits 1 whatever code its workers returned; every
+# rank writes its own code into DIR (ENGINE_EXIT_CODE_DIR), so when all NPROC ranks stopped
+# with the preemption code the launcher returns it too (75 = requeue), else RC.
+ranks_exit_code() {
+  local dir="$1" nproc="$2" rc="$3" r code
+  if [ "$rc" -ne 0 ]; then
+    for ((r = 0; r < nproc; r++)); do
+      code="$(cat "$dir/rank$r" 2>/dev/null || true)"
+      if [ "$code" != "$PREEMPT_EXIT_CODE" ]; then
+        echo "$rc"
+        return 0
+      fi
+    done
+    rc="$PREEMPT_EXIT_CODE"
+  fi
+  echo "$rc"
 }
 
 # The resolved, validated config (python -m engine config ... --world-size N).
@@ -156,9 +185,11 @@ launch_local() {
     if "$PYTHON" -m torch.distributed.run --help 2>/dev/null | grep -q -- --shutdown-timeout; then
       cmd+=("--shutdown-timeout=$SHUTDOWN_TIMEOUT")
     fi
-    export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
     nccl_env_nvswitch
   fi
+  # torchrun forwards these to the ranks; SIGUSR1 (SLURM's time-limit warning) is not in
+  # its default list, and unhandled it would kill torchrun and orphan the ranks.
+  export TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
   cmd+=(--no-python bash "$LAUNCHERS_DIR/task_env.sh" "$PYTHON" -m engine train "$config" "$@")
   echo "[launch] mode $RUN_MODE: 1 node x $nproc ranks (torchrun --standalone)"
   show_cmd "torchrun command" "${cmd[@]}"
@@ -167,7 +198,16 @@ launch_local() {
     return 0
   fi
   cd "$REPO" || return 1
-  run_and_wait "${cmd[@]}"
+  local rc=0 codes
+  codes="$(mktemp -d)"
+  export ENGINE_EXIT_CODE_DIR="$codes"
+  run_and_wait "${cmd[@]}" || rc=$?
+  rc="$(ranks_exit_code "$codes" "$nproc" "$rc")"
+  rm -rf "$codes"
+  if [ "$rc" -eq "$PREEMPT_EXIT_CODE" ]; then
+    echo "[launch] ranks exited $rc (stopped by a signal, checkpoint written): rerun to resume"
+  fi
+  return "$rc"
 }
 
 # Rendezvous of a SLURM allocation: MASTER_ADDR (first host), MASTER_PORT (from the job id,
@@ -255,4 +295,30 @@ finish_settings() {
   setting SHUTDOWN_TIMEOUT 600 "" "seconds torchrun waits for ranks to checkpoint after a signal"
   print_settings
   common_overrides
+}
+
+# tiny_post_training_data DIR SEQ (CPU_TINY=1 of the SFT and ORPO launchers): build once in DIR,
+# from the bundled sample, a 1000-piece tokenizer (padded to 1024), pretraining data, and SFT
+# and preference data (examples/make_post_training_data.py), tokenized at SEQ; the launchers
+# then need neither the GPU run's data nor its checkpoints. Sets TINY_OVERRIDES.
+tiny_post_training_data() {
+  local dir="$1" seq="$2"
+  case "$dir" in /*) ;; *) dir="$REPO/$dir" ;; esac
+  if [ ! -f "$dir/complete-seq$seq" ]; then
+    echo "[launch] CPU_TINY: building the tiny tokenizer and datasets in $dir"
+    (cd "$REPO" &&
+      "$PYTHON" -m engine tokenizer train --input examples/data/sample.jsonl --output-dir "$dir/tokenizer" \
+        --vocab-size 1000 >/dev/null &&
+      "$PYTHON" -m engine preprocess --input examples/data/sample.jsonl --tokenizer "$dir/tokenizer" \
+        --output-prefix "$dir/data/pretrain" --no-progress >/dev/null &&
+      "$PYTHON" examples/make_post_training_data.py --out-dir "$dir/raw" --max-chars 60 >/dev/null &&
+      "$PYTHON" -m engine preprocess --kind sft --input "$dir/raw/sft.jsonl" --tokenizer "$dir/tokenizer" \
+        --output-prefix "$dir/data/sft" --seq-length "$seq" --no-progress >/dev/null &&
+      "$PYTHON" -m engine preprocess --kind preference --input "$dir/raw/preference.jsonl" \
+        --tokenizer "$dir/tokenizer" --output-prefix "$dir/data/preference" --seq-length "$seq" \
+        --no-progress >/dev/null) || return 1
+    touch "$dir/complete-seq$seq"
+  fi
+  # shellcheck disable=SC2034  # read by the launcher that sources this file
+  TINY_OVERRIDES=("data.tokenizer=$dir/tokenizer" "model.vocab_size=1024")
 }
