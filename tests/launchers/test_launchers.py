@@ -165,3 +165,38 @@ def test_cpu_tiny_moe_launcher_runs_expert_parallel(tmp_path):
     proc = _run(["launchers/moe_ep_b200.sh"], _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir)), timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "ep 0/2" in proc.stdout and len(step_metrics(run_dir)) == 3
+
+
+def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
+    """`kill -TERM <launcher pid>` (CPU_TINY, torchrun, 2 ranks) after a first checkpoint: the
+    launcher forwards it, the ranks checkpoint, and 75 (requeue) comes back through torchrun."""
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
+    proc = subprocess.Popen(["bash", "launchers/pretrain_3b_b200.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    tree = {}
+    try:
+        deadline = time.time() + 90
+        while not (run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
+            tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+            time.sleep(0.2)
+        tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+        os.kill(proc.pid, signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        for p in [*tree.values()] + ([psutil.Process(proc.pid)] if proc.poll() is None else []):
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert proc.returncode == 75, out[-3000:]
+    assert "SIGTERM received: forwarded" in out
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
+    time.sleep(1)
+    assert [p.pid for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
