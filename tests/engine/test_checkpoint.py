@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -91,9 +92,111 @@ def test_nonfinite_loss_stops_with_checkpoint(tmp_path, synthetic_data):
     cfg["schedule"]["warmup_steps"] = 0
     proc = run_engine(cfg, check=False)
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "loss is nan" in proc.stdout.lower() or "loss is inf" in proc.stdout.lower()
+    assert re.search(r"(loss is|grad_norm) -?(nan|inf)", proc.stdout.lower()), proc.stdout[-2000:]
     newest = latest_checkpoint(str(tmp_path / "nan"))
     assert newest is not None
-    # The saved state is the one before the bad step: its iteration is the last good one.
-    good = len(losses(tmp_path / "nan"))
-    assert json.loads((newest / META).read_text())["iteration"] == good
+    # The bad step was skipped (no update) and is logged; the saved state is the one before
+    # it, at the data position after it.
+    records = step_metrics(tmp_path / "nan")
+    assert records[-1]["skipped"] == 1
+    assert json.loads((newest / META).read_text())["iteration"] == records[-1]["step"]
+
+
+# ----------------------------------------------------------------------------- manifests
+def _corrupt(ckpt, how: str) -> str:
+    """Damage one shard of ``ckpt`` the way disks and copies do; returns its name."""
+    shard = sorted(ckpt.glob("*.distcp"))[0]
+    if how == "missing":
+        shard.unlink()
+    elif how == "truncated":
+        data = shard.read_bytes()
+        shard.write_bytes(data[: len(data) // 2])
+    else:  # same size, other bytes
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 8] = bytes(8 - i for i in range(8))
+        shard.write_bytes(bytes(data))
+    return shard.name
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated", "overwritten"])
+def test_corrupt_checkpoint_is_a_one_line_error_naming_the_file(uninterrupted, tmp_path, how):
+    root, cfg, _ = uninterrupted
+    ckpt = tmp_path / "c" / "iter_0000003"
+    shutil.copytree(root / "full" / "checkpoints" / "iter_0000003", ckpt)
+    assert (ckpt / "manifest.json").is_file()
+    name = _corrupt(ckpt, how)
+    run = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(tmp_path / "run"), load=str(ckpt)))
+    proc = run_engine(run, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("config error:")]
+    assert len(errors) == 1 and name in errors[0] and "corrupt" in errors[0], proc.stderr[-3000:]
+    assert {"missing": "is missing", "truncated": "bytes, manifest says",
+            "overwritten": "CRC-32"}[how] in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
+def test_resume_falls_back_from_a_corrupt_newest_checkpoint(uninterrupted, tmp_path):
+    root, cfg, ref = uninterrupted
+    run_dir = tmp_path / "fb"
+    shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
+    _corrupt(run_dir / "checkpoints" / "iter_0000006", "overwritten")
+    resume = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True))
+    proc = run_engine(resume, check=False)
+    assert proc.returncode == 2 and "fallback_on_corrupt" in proc.stderr  # off by default: refused
+    resume["checkpoint"]["fallback_on_corrupt"] = True
+    proc = run_engine(resume)
+    assert "iter_0000006" in proc.stderr and "falling back" in proc.stderr
+    assert "iteration 3, consumed samples 24" in proc.stdout
+    assert [r["loss"] for r in step_metrics(run_dir)] == [r["loss"] for r in ref[3:]]
+    assert (run_dir / "checkpoints" / "iter_0000006.corrupt").is_dir()  # kept for inspection
+    assert [p.name for p in list_checkpoints(str(run_dir))] == ["iter_0000003", "iter_0000006"]
+
+
+# ----------------------------------------------------------------------------- timelines
+def test_load_of_an_older_iteration_into_the_same_dir_is_refused(uninterrupted, tmp_path):
+    root, cfg, _ = uninterrupted
+    run_dir = tmp_path / "tl"
+    shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    load = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), keep=1,
+                                     load=str(run_dir / "checkpoints" / "iter_0000003")))
+    proc = run_engine(load, check=False)
+    assert proc.returncode == 2
+    assert "iter_0000006" in proc.stderr and "another checkpoint.dir" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+
+
+def test_resume_behind_the_checkpoint_is_refused(uninterrupted, tmp_path):
+    root, cfg, _ = uninterrupted
+    run_dir = tmp_path / "behind"
+    shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    resume = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True, keep=1),
+                  training=dict(cfg["training"], steps=4))
+    proc = run_engine(resume, check=False)
+    assert proc.returncode == 2
+    assert "training.steps=4 is behind" in proc.stderr and "iteration 6" in proc.stderr
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+
+
+def test_retention_never_prunes_the_checkpoint_the_run_started_from(uninterrupted, tmp_path):
+    root, cfg, _ = uninterrupted
+    run_dir = tmp_path / "start"
+    shutil.copytree(root / "full" / "checkpoints" / "iter_0000003", run_dir / "checkpoints" / "iter_0000003")
+    resume = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True, keep=1, save_interval=1))
+    run_engine(resume)
+    assert [p.name for p in list_checkpoints(str(run_dir))] == ["iter_0000003", "iter_0000006"]
+
+
+def test_save_never_overwrites_a_complete_checkpoint(tmp_path, megatron_single_rank):
+    import torch
+
+    from engine.checkpoint import CheckpointError, TrainState, save_checkpoint
+
+    done = tmp_path / "checkpoints" / "iter_0000005"
+    done.mkdir(parents=True)
+    (done / META).write_text("{}")
+    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+        save_checkpoint(str(tmp_path), TrainState(iteration=5), [torch.nn.Linear(2, 2)], None, None, "{}",
+                        save_optimizer=False)
+    assert (done / META).read_text() == "{}"
