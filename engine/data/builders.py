@@ -35,7 +35,12 @@ DATA_BUILDERS: Dict[str, Callable[..., TrainingData]] = {"pretrain": build_pretr
 
 
 def build_training_data(kind: str, cfg, train_samples: int, valid_samples: int) -> TrainingData:
-    """Datasets for an objective whose ``data_kind`` is ``kind``."""
+    """Datasets for an objective whose ``data_kind`` is ``kind``, after every file was checked
+    against its index, its sidecar, the tokenizer and the model (:mod:`engine.data.verify`)."""
+    from engine.data.verify import verify_training_data
+    from engine.metrics import print_rank0
+
+    verify_training_data(kind, cfg, gpt_data.token_ids(cfg).sha256, log=print_rank0)
     return DATA_BUILDERS[kind](cfg, train_samples, valid_samples)
 
 

@@ -56,11 +56,15 @@ class ChatWriter:
             w._builder.add_document(np.concatenate(arrays), lengths)
             w.documents += 1
             w.tokens += sum(lengths)
+            for a in arrays:
+                w.note_max(a)
         self.documents += 1
         self.sequences += len(sequences)
 
     def commit(self, sidecar: dict) -> None:
-        """Finalize both datasets; the token dataset's sidecar is written last."""
+        """Finalize both datasets; the token dataset's sidecar is written last (with the largest
+        token id, which `train` checks against the model's vocabulary)."""
+        sidecar = {**sidecar, "max_token_id": self.tokens.max_token_id}
         self.masks.commit({**sidecar, "role": "loss mask of " + Path(self.prefix).name})
         self.tokens.commit(sidecar)
 

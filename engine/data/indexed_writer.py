@@ -47,6 +47,7 @@ class IndexedWriter:
         self._builder = IndexedDatasetBuilder(self.paths["bin"] + PARTIAL, dtype=dtype)
         self.documents = 0
         self.tokens = 0
+        self.max_token_id = -1  # recorded in the sidecar: `train` checks it against the model's vocabulary
         self._finalized = False
 
     def add_document(self, tokens: numpy.ndarray) -> None:
@@ -54,6 +55,12 @@ class IndexedWriter:
         self._builder.add_document(tokens, [int(tokens.size)])
         self.documents += 1
         self.tokens += int(tokens.size)
+        self.note_max(tokens)
+
+    def note_max(self, tokens: numpy.ndarray) -> None:
+        """Fold ``tokens`` (just written) into :attr:`max_token_id`."""
+        if tokens.size:
+            self.max_token_id = max(self.max_token_id, int(tokens.max()))
 
     def add_dataset(self, prefix: str) -> None:
         """Append a whole existing dataset (megatron-core concatenates index and data)."""

@@ -12,15 +12,23 @@ from engine.data.indexed_writer import output_paths, read_sidecar
 def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int = 3) -> dict:
     """Read ``prefix`` with megatron-core and return stats plus ``num_docs`` decoded samples.
 
-    The tokenizer defaults to the one recorded in the sidecar when that path still exists;
-    its hash is checked against the sidecar's.
+    The tokenizer defaults to the one recorded in the sidecar (a relative path there is taken
+    relative to the sidecar's directory); its hash is checked against the sidecar's. When no
+    tokenizer is found, ``warnings`` says so and which checks were skipped. A missing file, an
+    unreadable index or a ``.bin`` of another length than the ``.idx`` implies raises
+    ``ValueError`` (``FileNotFoundError`` for a missing file) with one line naming the file.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from engine.data.merge import normalize_prefix
     from engine.data.tokenizer import load_tokenizer
+    from engine.data.verify import read_index
 
     prefix = normalize_prefix(prefix)
+    for path in output_paths(prefix)["bin"], output_paths(prefix)["idx"]:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} does not exist (expected PREFIX.bin and PREFIX.idx)")
+    read_index(prefix)  # the .bin must be as long as the .idx says before anything reads it
     ds = IndexedDataset(prefix, mmap=True)
     sidecar = read_sidecar(prefix) or {}
     doc_idx = ds.document_indices
@@ -42,6 +50,7 @@ def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int 
                         "max": int(doc_lens.max())} if len(doc_lens) else None),
         "sidecar": bool(sidecar),
         "problems": [],
+        "warnings": [],
     }
     if sidecar:
         for key in ("documents", "tokens"):
@@ -49,8 +58,18 @@ def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int 
                 stats["problems"].append(f"sidecar says {key}={sidecar.get(key)}, the index has {stats[key]}")
         if sidecar.get("dtype") != stats["dtype"]:
             stats["problems"].append(f"sidecar says dtype={sidecar.get('dtype')}, the index has {stats['dtype']}")
-    tok_path = tokenizer or (sidecar.get("tokenizer") or {}).get("path")
-    tok = load_tokenizer(tok_path) if tok_path and os.path.exists(tok_path) else None
+    tok = None
+    if tokenizer:
+        tok = load_tokenizer(tokenizer)
+    else:
+        recorded = (sidecar.get("tokenizer") or {}).get("path")
+        tok_path = sidecar_relative(recorded, paths["json"]) if recorded else None
+        if tok_path and os.path.exists(tok_path):
+            tok = load_tokenizer(tok_path)
+        else:
+            where = f"the sidecar's tokenizer {tok_path} does not exist" if tok_path else "no tokenizer is known"
+            stats["warnings"].append(f"{where}; the end-of-document check and the decoded samples "
+                                     f"were skipped (pass --tokenizer)")
     samples = []
     if tok is not None:
         want = (sidecar.get("tokenizer") or {}).get("sha256")
@@ -67,6 +86,11 @@ def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int 
             samples.append({"document": d, "tokens": int(ids.size), "text": tok.decode(ids.tolist())})
     stats["samples"] = samples
     return stats
+
+
+def sidecar_relative(path: str, sidecar_path: str) -> str:
+    """``path`` as recorded in a sidecar: absolute as is, relative to the sidecar's directory."""
+    return path if os.path.isabs(path) else os.path.join(os.path.dirname(os.path.abspath(sidecar_path)), path)
 
 
 def format_inspection(stats: dict, sidecar: Optional[dict] = None) -> str:
@@ -86,6 +110,8 @@ def format_inspection(stats: dict, sidecar: Optional[dict] = None) -> str:
                      f"skipped records {sidecar.get('skipped_total', 0)}  tool {sidecar.get('tool')}")
     for p in stats["problems"]:
         lines.append(f"  PROBLEM: {p}")
+    for w in stats.get("warnings", []):
+        lines.append(f"  WARNING: {w}")
     for s in stats["samples"]:
         text = s["text"] if len(s["text"]) <= 400 else s["text"][:400] + " ..."
         lines.append(f"--- document {s['document']} ({s['tokens']} tokens) ---\n{text}")

@@ -253,6 +253,12 @@ def _progress_bar(files: Sequence[Path], enabled: bool):
     return tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", mininterval=1.0)
 
 
+def _abspath(path) -> str:
+    """Absolute form of a recorded path: a relative one would resolve against whatever
+    directory a later reader runs in."""
+    return os.path.abspath(path) if path else ""
+
+
 def _sidecar(writer: IndexedWriter, index: int, count: int, sharded: bool, tok: Tokenizer, files,
              json_key: str, kind: str, workers: int, summary: dict, examples: List[str]) -> dict:
     """Metadata stored next to one output prefix."""
@@ -263,10 +269,11 @@ def _sidecar(writer: IndexedWriter, index: int, count: int, sharded: bool, tok: 
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "trained_vocab_size": tok.trained_vocab_size, "eod": tok.eod,
-                      "path": str(getattr(tok, "path", ""))},
+                      "path": _abspath(getattr(tok, "path", ""))},
         "dtype": numpy.dtype(writer.dtype).name,
         "documents": writer.documents,
         "tokens": writer.tokens,
+        "max_token_id": writer.max_token_id,
         "eod_per_document": True,
         "shard": {"index": index, "count": count} if sharded else None,
         "run": {"documents": summary["documents"], "tokens": summary["tokens"],
