@@ -99,6 +99,17 @@ def check_split_sizes(cfg: Config, needed: Sequence[int]) -> None:
                 )
 
 
+def drop_unused_splits(ds_config, sizes: Sequence[int]) -> None:
+    """Build no dataset for a split nobody reads (0 samples requested).
+
+    megatron-core 0.16.1 builds every split with a non-zero fraction; asked for 0 samples of a
+    split that holds no token (10 documents at ``98,1,1``, one document at ``90,5,5``) its
+    ``GPTDataset._get_num_epochs`` loops forever looking for the one extra token. A ``None``
+    entry of the split matrix is the builder's own "not this split"; the other splits keep
+    their document ranges, so the data a run trains on does not change."""
+    ds_config.split_matrix = [None if not size else bounds for bounds, size in zip(ds_config.split_matrix, sizes)]
+
+
 def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_samples: int = 0):
     """(train, valid, test) datasets over ``data.paths`` (or mock data), built from megatron-core
     one-epoch GPTDatasets chained by :class:`EpochChain` and blended by its BlendedDataset.
@@ -128,6 +139,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_sam
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    drop_unused_splits(ds_config, sizes)
     cls = MockGPTDataset if cfg.data.mock else GPTDataset
     prefixes = [None] if cfg.data.mock else list(cfg.data.paths)
     lows = [cls.build_low_level_dataset(p, ds_config) for p in prefixes]
