@@ -104,7 +104,9 @@ def main() -> int:
     ap.add_argument("--size-mb", type=float, nargs="+", default=[200.0],
                     help="corpus sizes to test (default 200)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--vocab-size", type=int, default=8000)
+    ap.add_argument("--vocab-size", type=int, default=8000,
+                    help="asked of the tokenizer; the sample supports fewer pieces, which are kept "
+                         "(--allow-smaller-vocab), as in the measured runs")
     ap.add_argument("--repeat", type=int, default=3,
                     help="runs per setting; the median run is reported (shared machines are noisy)")
     ap.add_argument("--tmpdir", default=None, help="where to build the corpus (default: system temp)")
@@ -117,7 +119,7 @@ def main() -> int:
         tmp = Path(tmp)
         tok = tmp / "tok"
         subprocess.run([py, "-m", "engine", "tokenizer", "train", "--input", str(SAMPLE), "--output-dir", str(tok),
-                        "--vocab-size", str(args.vocab_size)], env=env, check=True, stdout=subprocess.DEVNULL)
+                        "--vocab-size", str(args.vocab_size), "--allow-smaller-vocab"], env=env, check=True, stdout=subprocess.DEVNULL)
         meta = json.loads((tok / "tokenizer_meta.json").read_text())
         print(f"tokenizer: {meta['model_type']} {meta['trained_vocab_size']} pieces (vocab {meta['vocab_size']})",
               flush=True)
