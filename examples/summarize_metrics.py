@@ -18,7 +18,10 @@ def main() -> None:
     path = Path(args.run_dir)
     path = path if path.suffix == ".jsonl" else path / "logs" / "metrics.jsonl"
     rows = [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if r.get("split") == "train"][args.skip:]
+    # A step recorded twice (a resume by an engine that did not truncate the file): the last
+    # record of each step is the one of the surviving timeline.
+    by_step = {r["step"]: r for r in rows if r.get("split") == "train"}
+    rows = [by_step[s] for s in sorted(by_step)][args.skip:]
     if not rows:
         raise SystemExit(f"no training steps after skipping {args.skip} in {path}")
     med = lambda k: statistics.median(r[k] for r in rows if r.get(k) is not None) if any(r.get(k) is not None for r in rows) else None

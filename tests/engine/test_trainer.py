@@ -40,3 +40,36 @@ def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     run_engine(cfg)
     meta = json.loads((tmp_path / "run" / "checkpoints" / "iter_0000008" / "engine_meta.json").read_text())
     assert sum(meta["source_tokens"]) == 8 * tokens_per_step
+
+
+def test_resume_after_a_crash_records_each_step_once(tmp_path, synthetic_data):
+    """A crash after the last checkpoint leaves records the resumed run writes again: they are
+    dropped at the resume, so metrics.jsonl and summarize_metrics see each step once."""
+    import shutil
+    import subprocess
+    import sys
+
+    cfg = base_config(synthetic_data, tmp_path / "run")
+    cfg["training"]["steps"] = 6
+    cfg["checkpoint"].update(save_interval=3, keep=0)
+    run_engine(cfg)
+    # The state of a run killed after logging step 6 but before its checkpoint was complete.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "iter_0000006")
+    with open(tmp_path / "run" / "logs" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "split": "tr')  # a line torn by the kill
+    cfg["checkpoint"]["resume"] = True
+    run_engine(cfg)
+    assert [r["step"] for r in step_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
+    out = subprocess.run([sys.executable, "examples/summarize_metrics.py", str(tmp_path / "run")],
+                         capture_output=True, text=True, check=True).stdout
+    assert "steps measured: 5 (steps 2..6)" in out
+
+
+def test_truncate_jsonl_is_atomic_and_keeps_earlier_steps(tmp_path):
+    from engine.metrics import truncate_jsonl
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "split": "train"}) + "\n" for s in (1, 2, 3, 2, 3)) + '{"st')
+    assert truncate_jsonl(path, 2) == 3
+    assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 2]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
