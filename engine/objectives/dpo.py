@@ -2,8 +2,9 @@
 
 The reference model's log-probabilities are computed once, before training, by a
 forward-only pass of the reference weights through this very objective (same model code,
-same masks, same reductions) and stored next to the dataset (:mod:`engine.objectives.reference`),
-so no second model sits in memory while training. With the policy initialised from the
+same masks, same reductions) and stored in a cache keyed on the data's and the reference
+weights' content (:mod:`engine.objectives.reference`), so no second model sits in memory
+while training and changed inputs are never answered with stale values. With the policy initialised from the
 reference, the first step's sigmoid loss is ln 2 (up to the last bit of the log-prob sums).
 IPO uses length-averaged log-probabilities (as TRL does), sigmoid and hinge summed ones.
 """

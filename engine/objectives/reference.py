@@ -1,13 +1,20 @@
-"""Reference log-probabilities for DPO: one forward-only pass, stored next to the dataset.
+"""Reference log-probabilities for DPO: one forward-only pass, stored in a cache keyed on content.
 
-The file ``<prefix>_reflogps_<tag>.npy`` holds ``[pairs, 2]`` float64 sums of response
-log-probabilities (chosen, rejected) by pair index, with a ``.json`` note of the reference
-checkpoint; ``tag`` hashes the reference checkpoint, its iteration and the sequence length,
-so a different reference never reuses stale values. The pass runs the policy's own
-``forward_step`` and megatron-core schedule over every pair of the dataset (any TP/PP/DP
-layout; data-parallel ranks take interleaved slices, results are gathered), with the
-reference weights loaded into the policy model. When the reference is not the
-``checkpoint.init_from`` weights the run loads it first and the init weights after.
+The file ``<cache>/<name>_reflogps_<key>.npy`` holds ``[pairs, 2]`` float64 sums of response
+log-probabilities (chosen, rejected) by pair index, with a ``.json`` note of what it was
+computed from. ``key`` hashes everything the values depend on (:func:`reference_key`): the
+bytes of the preference data (tokens and loss masks, ``.bin`` and ``.idx``), the reference
+checkpoint's weights (its manifest of per-file CRCs, or its files' bytes when it has none),
+the sequence length, chat template, pad id and dtype. Rewriting the data under the same
+prefix or retraining the reference in place therefore recomputes instead of reusing stale
+values. ``<cache>`` is ``objective.reference_cache_dir``, or the dataset's directory when
+writable, else ``<checkpoint.dir>/reference_cache`` (decided before the pass, so a read-only
+data directory never costs a reference pass that cannot be stored).
+
+The pass runs the policy's own ``forward_step`` and megatron-core schedule over every pair of
+the dataset (any TP/PP/DP layout; data-parallel ranks take interleaved slices, results are
+gathered), with the reference weights loaded into the policy model. When the reference is
+not the ``checkpoint.init_from`` weights the run loads it first and the init weights after.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import torch
@@ -25,19 +33,116 @@ from engine import checkpoint as ckpt_lib
 from engine.config import ConfigError
 from engine.metrics import print_rank0
 
+_CHUNK = 8 << 20  # 8 MiB reads
 
-def reference_file(prefix: str, ref_ckpt: Path, seq_length: int) -> Path:
-    """Where the reference log-probs of ``prefix`` under ``ref_ckpt`` are stored."""
-    meta = ckpt_lib.read_meta(ref_ckpt)
-    key = f"{Path(ref_ckpt).resolve()}|{meta.get('iteration')}|{seq_length}"
-    return Path(f"{prefix}_reflogps_{hashlib.sha256(key.encode()).hexdigest()[:12]}.npy")
+
+def _hash_file(h, path: Path) -> None:
+    """Feed ``path``'s name, size and bytes to the hash ``h``."""
+    h.update(f"{path.name}|{path.stat().st_size}|".encode())
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                return
+            h.update(block)
+
+
+def data_fingerprint(prefix: str) -> str:
+    """Hash of the bytes of a preference dataset: tokens and loss masks, ``.bin`` and ``.idx``."""
+    from engine.data.chat_data import mask_prefix
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in (prefix, mask_prefix(prefix)):
+        for ext in (".idx", ".bin"):
+            _hash_file(h, Path(p + ext))
+    return h.hexdigest()
+
+
+def weights_fingerprint(ckpt: Path) -> str:
+    """Hash of a checkpoint's content: its manifest (size and CRC-32 of every file) when it has
+    one, else the bytes of its files (sizes and mtimes would miss a same-size rewrite)."""
+    from engine.ckpt_manifest import MANIFEST
+
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        raise ConfigError(f"dpo reference checkpoint {ckpt} does not exist")
+    h = hashlib.blake2b(digest_size=16)
+    manifest = ckpt / MANIFEST
+    if manifest.is_file():
+        h.update(json.dumps(json.loads(manifest.read_text())["files"], sort_keys=True).encode())
+        return "manifest:" + h.hexdigest()
+    for path in sorted(p for p in ckpt.rglob("*") if p.is_file() and p.name != ckpt_lib.META):
+        h.update(str(path.relative_to(ckpt)).encode())
+        _hash_file(h, path)
+    return "files:" + h.hexdigest()
+
+
+def reference_key(cfg, prefix: str, ref_ckpt: Path, pad_id: int) -> dict:
+    """Everything the stored reference log-probs depend on (hashed into the file name)."""
+    return {"data": data_fingerprint(prefix), "reference": weights_fingerprint(ref_ckpt),
+            "seq_length": cfg.data.seq_length, "chat_template": cfg.data.chat_template, "pad_id": int(pad_id),
+            "dtype": cfg.precision.dtype}
+
+
+def _writable(directory: Path) -> bool:
+    """Whether files can be created in ``directory`` (made if missing)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK | os.X_OK)
+
+
+def cache_dirs(cfg, prefix: str) -> List[Path]:
+    """Directories searched for stored values, the first writable one is where new ones go:
+    ``objective.reference_cache_dir`` alone when set, else the dataset's directory then
+    ``<checkpoint.dir>/reference_cache``."""
+    if cfg.objective.reference_cache_dir:
+        return [Path(cfg.objective.reference_cache_dir)]
+    return [Path(prefix).resolve().parent, Path(cfg.checkpoint.dir) / "reference_cache"]
+
+
+def reference_file(cache_dir: Path, prefix: str, key: dict) -> Path:
+    """Where the reference log-probs of ``prefix`` under ``key`` are stored in ``cache_dir``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{Path(prefix).name}_reflogps_{digest}.npy"
+
+
+def _locate(cfg, prefix: str, key: dict):
+    """(an existing file or None, the file new values go to or None when no directory is writable)."""
+    dirs = cache_dirs(cfg, prefix)
+    for d in dirs:
+        if reference_file(d, prefix, key).is_file():
+            return reference_file(d, prefix, key), None
+    for d in dirs:
+        if _writable(d):
+            return None, reference_file(d, prefix, key)
+    return None, None
+
+
+def _on_rank0(fn):
+    """``fn()`` on rank 0 (hashing reads every byte once, not once per rank), broadcast to all;
+    an exception there is raised on every rank rather than leaving the others waiting."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    box = [None]
+    if dist.get_rank() == 0:
+        try:
+            box = [(True, fn())]
+        except Exception as exc:  # re-raised below, on every rank
+            box = [(False, exc)]
+    dist.broadcast_object_list(box, src=0)
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
 
 
 def load_or_compute_reference(trainer, objective) -> np.ndarray:
     """The ``[pairs, 2]`` reference log-prob sums of the run's preference dataset."""
     from engine.data.chat_data import ChatIndexed
-    from engine.data.preference_data import PreferenceDataset
     from engine.data.gpt_data import token_ids
+    from engine.data.preference_data import PreferenceDataset
 
     cfg = trainer.cfg
     ref = cfg.objective.reference or cfg.checkpoint.init_from
@@ -45,16 +150,22 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
         raise ConfigError("objective dpo needs a reference: set objective.reference or checkpoint.init_from")
     ref = Path(ref)
     prefix = cfg.data.paths[0]
-    path = reference_file(prefix, ref, cfg.data.seq_length)
-    if path.exists():
-        values = np.load(path)
-        print_rank0(f"dpo: reference log-probs of {len(values)} pairs from {path}")
+    pad = token_ids(cfg).eod
+    key = _on_rank0(lambda: reference_key(cfg, prefix, ref, pad))
+    found, path = _on_rank0(lambda: _locate(cfg, prefix, key))
+    if found is not None:
+        values = np.load(found)
+        print_rank0(f"dpo: reference log-probs of {len(values)} pairs from {found}")
         return values
+    if path is None:
+        where = " nor ".join(str(d) for d in cache_dirs(cfg, prefix))
+        raise ConfigError(f"dpo: cannot store reference log-probs: {where} is not writable; "
+                          f"set objective.reference_cache_dir to a writable directory")
     weights_are_reference = (trainer.state.iteration == 0 and cfg.checkpoint.init_from
                              and Path(cfg.checkpoint.init_from).resolve() == ref.resolve())
     if trainer.state.iteration > 0 and not weights_are_reference:
-        raise ConfigError(f"{path} (reference log-probs) is missing and the model has already trained; "
-                          f"recompute it with a fresh run initialised from {ref}")
+        raise ConfigError(f"{path} (reference log-probs of this data and reference) is missing and the model "
+                          f"has already trained; recompute it with a fresh run initialised from {ref}")
     if not weights_are_reference:
         if not cfg.checkpoint.init_from:
             raise ConfigError("objective.reference differs from the policy's weights: give checkpoint.init_from "
@@ -65,8 +176,7 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
     n = data.num_docs
     gbs = cfg.training.global_batch_size
     total = int(math.ceil(n / gbs)) * gbs
-    ordered = PreferenceDataset(data, 0, n, cfg.data.seq_length, total, cfg.data.seed, token_ids(cfg).eod,
-                                shuffle=False)
+    ordered = PreferenceDataset(data, 0, n, cfg.data.seq_length, total, cfg.data.seed, pad, shuffle=False)
     its = trainer._iterators(ordered, total, 0)
     for m in trainer.model:
         m.eval()
@@ -86,15 +196,20 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
     if np.isnan(values).any():
         raise RuntimeError(f"reference pass left {int(np.isnan(values).any(axis=1).sum())} pairs without values")
     if dist.get_rank() == 0:
-        tmp = path.with_name(path.name + ".partial.npy")
-        np.save(tmp, values)
-        os.replace(tmp, path)
-        Path(str(path)[:-4] + ".json").write_text(json.dumps(
-            {"reference": str(ref.resolve()), "pairs": n, "seq_length": cfg.data.seq_length,
-             "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline}}, indent=2))
+        _store(path, values, {"prefix": str(Path(prefix).resolve()), "reference": str(ref.resolve()), "pairs": n,
+                              "key": key, "layout": {"tensor": cfg.parallel.tensor,
+                                                     "pipeline": cfg.parallel.pipeline}})
     dist.barrier()
     print_rank0(f"dpo: computed reference log-probs of {n} pairs with {ref} -> {path}")
     if not weights_are_reference:
         ckpt_lib.load_checkpoint(Path(cfg.checkpoint.init_from), trainer.model, trainer.optimizer,
                                  load_optimizer=False)
     return values
+
+
+def _store(path: Path, values: np.ndarray, note: dict) -> None:
+    """Write the values (atomically: a partial file never has the final name) and their note."""
+    tmp = path.with_name(path.name + ".partial.npy")
+    np.save(tmp, values)
+    os.replace(tmp, path)
+    Path(str(path)[:-4] + ".json").write_text(json.dumps(note, indent=2))
