@@ -115,6 +115,14 @@ show_cmd() {
 run_and_wait() {
   setsid "$@" &
   _CHILD_PID=$!
+  # The job runs in its own session, so a launcher killed with -9 (no trap runs) would leave
+  # it training unattended: a watcher forwards one TERM to it when this shell disappears.
+  local launcher=$$ watcher
+  (
+    while kill -0 "$launcher" 2>/dev/null && kill -0 "$_CHILD_PID" 2>/dev/null; do sleep 1; done
+    if kill -0 "$_CHILD_PID" 2>/dev/null; then kill -s TERM "$_CHILD_PID" 2>/dev/null || true; fi
+  ) &
+  watcher=$!
   local rc=0 sig
   for sig in TERM USR1 INT; do
     # shellcheck disable=SC2064  # the signal name is fixed now, on purpose
@@ -128,6 +136,7 @@ run_and_wait() {
     fi
   done
   trap - TERM USR1 INT
+  kill "$watcher" 2>/dev/null || true
   return "$rc"
 }
 

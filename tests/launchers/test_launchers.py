@@ -200,3 +200,42 @@ def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
     assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
     time.sleep(1)
     assert [p.pid for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+
+
+def test_kill_9_of_the_launcher_stops_the_job_with_a_checkpoint(tmp_path):
+    """`kill -9 <launcher pid>` runs no trap; the job lives in its own session, so the launcher's
+    watcher must stop it (one TERM: checkpoint, exit) instead of leaving it training unattended."""
+    import signal
+    import time
+
+    import psutil
+
+    run_dir = tmp_path / "run"
+    env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
+    proc = subprocess.Popen(["bash", "launchers/pretrain_3b_b200.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    tree = {}
+    try:
+        deadline = time.time() + 90
+        while not (run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
+            tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+            time.sleep(0.2)
+        tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        deadline = time.time() + 60
+        while time.time() < deadline and [p for p in tree.values()
+                                          if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            time.sleep(0.2)
+        alive = [" ".join(p.cmdline()) for p in tree.values()
+                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in tree.values():
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+    assert alive == [], alive
+    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
+    assert len(ckpts) >= 2 and ckpts[-1] < "iter_0000040", ckpts  # stopped early, with its own checkpoint
