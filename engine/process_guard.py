@@ -121,6 +121,7 @@ def write_exit_code(code: int, directory: Optional[str] = None) -> None:
     if not directory:
         return
     with contextlib.suppress(OSError):
+        os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, f"rank{os.environ.get('RANK', '0')}")
         with open(path, "w") as f:
             f.write(f"{code}\n")
