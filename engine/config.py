@@ -275,7 +275,14 @@ class TrainingConfig:
     recompute: str = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     exit_on_nonfinite: bool = True
-    """Stop (after saving a checkpoint) when the loss becomes NaN or Inf."""
+    """A step whose loss or gradient norm is NaN/Inf is always skipped (no update, no scheduler
+    step; iteration and data position advance). True: more than ``max_skipped_steps`` such
+    steps in a row stop the run with exit code 3 after checkpointing the unchanged, finite
+    state. False: the run continues and counts them (``skipped_total`` in the log). Either
+    way no checkpoint with non-finite weights is written."""
+    max_skipped_steps: Annotated[int, Range(ge=0)] = 0
+    """Consecutive non-finite (skipped) steps tolerated before ``exit_on_nonfinite`` stops the
+    run; 0 stops at the first."""
 
 
 @dataclass
@@ -297,7 +304,11 @@ class ObjectiveConfig:
     """DPO sigmoid loss: assumed probability that a preference label is flipped (conservative DPO)."""
     reference: Optional[str] = None
     """DPO: reference checkpoint whose log-probabilities are computed once (forward only) and
-    stored next to the dataset; None means ``checkpoint.init_from``."""
+    stored (see ``reference_cache_dir``); None means ``checkpoint.init_from``."""
+    reference_cache_dir: Optional[str] = None
+    """DPO: directory of the stored reference log-probabilities (keyed on the data's bytes, the
+    reference weights, sequence length, chat template, pad id and dtype); None means next to
+    the dataset when that directory is writable, else ``<checkpoint.dir>/reference_cache``."""
 
 
 @dataclass
@@ -402,6 +413,10 @@ class CheckpointConfig:
     and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
+    fallback_on_corrupt: bool = False
+    """On resume, when the newest checkpoint fails verification against its manifest (missing,
+    truncated or altered file), rename it ``iter_N.corrupt`` and resume from the previous
+    complete one, logging why; False stops with the error."""
     lock: bool = True
     """Hold an exclusive lock (``<dir>/.engine.lock``, flock by rank 0) for the whole run, so
     two jobs never write the same run directory."""
