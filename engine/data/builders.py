@@ -64,6 +64,19 @@ def _chat_data(cfg, kind: str):
     return data
 
 
+def _checked(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)``, its ValueError (an empty split, a conversation longer than
+    data.seq_length) turned into a one-line ConfigError instead of a traceback."""
+    from engine.config import ConfigError
+
+    try:
+        return cls(*args, **kwargs)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     """SFT conversations (packed or not), mixed with pretraining replay when
     ``data.replay_ratio`` > 0; validation is SFT data only."""
@@ -80,11 +93,11 @@ def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     pad = gpt_data.token_ids(cfg).eod
     lo, hi = split_range(data.num_docs, d.split, 0)
     name = Path(d.paths[0]).name
-    sft = SFTDataset(data, lo, hi, d.seq_length, train_samples, d.packing, d.seed, pad)
+    sft = _checked(SFTDataset, data, lo, hi, d.seq_length, train_samples, d.packing, d.seed, pad)
     valid = None
     if valid_samples:
         vlo, vhi = split_range(data.num_docs, d.split, 1)
-        valid = SFTDataset(data, vlo, vhi, d.seq_length, valid_samples, d.packing, d.seed + 1, pad)
+        valid = _checked(SFTDataset, data, vlo, vhi, d.seq_length, valid_samples, d.packing, d.seed + 1, pad)
     if d.replay_ratio <= 0:
         return TrainingData(sft, valid, [name])
     source = interleave(sft.loss_tokens, d.seq_length, d.replay_ratio, train_samples, d.replay_by)
@@ -109,12 +122,12 @@ def build_preference_data(cfg, train_samples: int, valid_samples: int) -> Traini
     data = _chat_data(cfg, "preference")
     pad = gpt_data.token_ids(cfg).eod
     lo, hi = split_range(data.num_docs, d.split, 0)
-    train = PreferenceDataset(data, lo, hi, d.seq_length, train_samples, d.seed, pad)
+    train = _checked(PreferenceDataset, data, lo, hi, d.seq_length, train_samples, d.seed, pad)
     valid = None
     if valid_samples:
         vlo, vhi = split_range(data.num_docs, d.split, 1)
         # Validation reads the held-out pairs in order: the same pairs at every evaluation.
-        valid = PreferenceDataset(data, vlo, vhi, d.seq_length, valid_samples, d.seed, pad, shuffle=False)
+        valid = _checked(PreferenceDataset, data, vlo, vhi, d.seq_length, valid_samples, d.seed, pad, shuffle=False)
     return TrainingData(train, valid, [Path(d.paths[0]).name])
 
 

@@ -270,3 +270,13 @@ def test_preprocess_records_an_absolute_tokenizer_path(tmp_path, unigram_dir, mo
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in sample_docs(5)])
     preprocess([str(src)], "tok", str(tmp_path / "d"), progress=False)
     assert json.loads((tmp_path / "d.json").read_text())["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
+
+
+def test_empty_chat_split_with_evaluation_on_is_one_line(tmp_path, unigram_dir):
+    from engine.data.builders import build_training_data
+
+    data = chat_data(tmp_path, unigram_dir, "pref", "preference", 12)  # 98,1,1 of 12 pairs: valid holds none
+    cfg = config(tmp_path, [data], unigram_dir, vocab=1024, split="98,1,1")
+    with pytest.raises(ConfigError) as e:
+        build_training_data("preference", cfg, 8, 8)
+    assert one_line(e) == f"{data}: the split holds no pairs"
