@@ -228,8 +228,8 @@ class DataConfig:
 class OptimizerConfig:
     """AdamW through megatron-core's optimizer (fp32 master weights and state)."""
 
-    lr: Annotated[float, Range(gt=0)] = 3e-4
-    """Peak learning rate."""
+    lr: Annotated[float, Range(ge=0)] = 3e-4
+    """Peak learning rate (0 freezes the weights: an evaluation-only baseline run)."""
     min_lr: Annotated[float, Range(ge=0)] = 3e-5
     """Learning rate at the end of the decay."""
     weight_decay: Annotated[float, Range(ge=0)] = 0.1

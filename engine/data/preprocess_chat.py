@@ -17,6 +17,7 @@ with an empty response (``empty_response``, the ORPO NaN of the seed run) or a w
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -204,14 +205,14 @@ def preprocess_chat(inputs: Sequence[str], tokenizer: str, output_prefix: str, k
             raise PreprocessError(f"no usable records in {', '.join(map(str, files))} (skipped: {skipped})")
         summary = {"documents": docs, "tokens": tokens, "loss_tokens": loss_tokens, "truncated": truncated,
                    "skipped": skipped, "seconds": round(time.time() - started, 3), "prefixes": [output_prefix],
-                   "input_bytes": sum(__import__("os").path.getsize(f) for f in files)}
+                   "input_bytes": sum(os.path.getsize(f) for f in files)}
         writer.commit({
             "format_version": 1, "tool": tool_version(), "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "chat_template": template.name, "chat_template_fingerprint": template.fingerprint,
             "seq_length": seq_length,
             "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                          "path": str(getattr(tok, "path", ""))},
+                          "path": os.path.abspath(tok.path) if getattr(tok, "path", "") else ""},
             "dtype": writer.tokens.dtype.__name__ if hasattr(writer.tokens.dtype, "__name__") else str(writer.tokens.dtype),
             "documents": docs, "sequences": writer.sequences, "tokens": tokens, "loss_tokens": loss_tokens,
             "truncated_prompts": truncated, "skipped": skipped, "skipped_total": sum(skipped.values()),
