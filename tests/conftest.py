@@ -1,7 +1,8 @@
 """Shared test fixtures: a synthetic indexed dataset and a launcher for real engine runs.
 
 Multi-rank tests start the real CLI under ``torch.distributed.run`` (several CPU processes
-over gloo on a free port) and read the per-step metrics the engine wrote."""
+over gloo on a free port) and read the per-step metrics the engine wrote; tests of rank logic
+that need no CLI run functions on spawned gloo ranks instead (``run_distributed``)."""
 from __future__ import annotations
 
 import json
@@ -50,6 +51,18 @@ def megatron_single_rank():
     init_model_parallel(cfg.parallel, seed=1234)
     yield
     shutdown()
+
+
+@pytest.fixture(scope="session")
+def run_distributed():
+    """``run_distributed(fn, world_size, *args, tensor=1, pipeline=1, virtual_pipeline=None,
+    expert=1)``: ``fn(rank, *args)`` on that many spawned gloo ranks at that megatron-core layout,
+    results in rank order (tests/distributed.py). The ranks are kept for the session."""
+    from tests.distributed import RankPools
+
+    pools = RankPools()
+    yield pools
+    pools.close()
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,36 @@ def test_handler_stops_when_any_rank_saw_a_signal():
         handler.on_train_end(trainer)
 
 
+def _stop_after_a_signal_to_rank_1(rank):
+    """Two steps of a handler with the real all-reduce; only rank 1 signals itself, after step 1."""
+    handler = PreemptionHandler(["SIGUSR1"], 75)
+    trainer = FakeTrainer()
+    handler.on_train_start(trainer)
+    try:
+        handler.on_step_end(trainer, 1, {})
+        stops_after_step_1 = list(trainer.stops)
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            deadline = time.time() + 10
+            while handler.received is None and time.time() < deadline:  # delivery is asynchronous
+                time.sleep(0.01)
+        handler.on_step_end(trainer, 2, {})
+    finally:
+        handler.on_train_end(trainer)
+    return {"received": handler.received, "after_step_1": stops_after_step_1, "stops": trainer.stops}
+
+
+def test_stop_flag_all_reduce_stops_every_rank_at_the_same_step(run_distributed):
+    """The real MAX all-reduce over two gloo ranks (in-process workers, no CLI): a signal that
+    reached rank 1 alone stops rank 0 after the same step, with the same exit code."""
+    ranks = run_distributed(_stop_after_a_signal_to_rank_1, 2)
+    assert ranks[0]["received"] is None and ranks[1]["received"] == signal.SIGUSR1
+    for r in ranks:
+        assert r["after_step_1"] == []
+        assert len(r["stops"]) == 1 and r["stops"][0][0] == 75, r
+        assert "SIGUSR1 received (on at least one rank)" in r["stops"][0][1] and "at step 2" in r["stops"][0][1]
+
+
 def _start(cfg: dict, run_dir: Path, extra=()) -> subprocess.Popen:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "config.yaml"
@@ -102,6 +132,7 @@ def test_second_run_in_the_same_directory_is_refused(tmp_path, synthetic_data):
     assert proc.returncode == 2 and "is in use by host" in proc.stderr
 
 
+@pytest.mark.slow  # the agreement itself: test_stop_flag_all_reduce_stops_every_rank_at_the_same_step
 def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, synthetic_data):
     import psutil
 
