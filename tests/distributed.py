@@ -26,6 +26,7 @@ import socket
 import sys
 import time
 import traceback
+import warnings
 from typing import Any, Callable, Dict, List, Optional
 
 import torch.multiprocessing as mp
@@ -44,6 +45,7 @@ def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     """One rank: join the gloo group, then run tasks until told to stop or the parent is gone."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    warnings.filterwarnings("ignore")  # as run_engine's PYTHONWARNINGS=ignore: megatron's fallback notices
     try:
         import torch
 
