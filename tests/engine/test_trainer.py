@@ -73,3 +73,31 @@ def test_truncate_jsonl_is_atomic_and_keeps_earlier_steps(tmp_path):
     assert truncate_jsonl(path, 2) == 3
     assert [json.loads(l)["step"] for l in path.read_text().splitlines()] == [1, 2, 2]
     assert not (tmp_path / "metrics.jsonl.tmp").exists()
+
+
+def _reduce_tagged_metrics(rank):
+    """Trainer._reduce_metrics on this rank's two micro-batches, tagged by rank (no model needed)."""
+    import types
+
+    import torch
+
+    from engine.trainer import Trainer
+
+    owner = types.SimpleNamespace(objective=types.SimpleNamespace(metric_names=["loss_sum", "loss_tokens"]),
+                                  dataset_names=["a", "b"])
+    store = [{"loss_sum": torch.tensor(1.0 + rank), "loss_tokens": torch.tensor(10.0), "tokens_ds0": torch.tensor(4.0)},
+             {"loss_sum": torch.tensor(100.0 * (rank + 1)), "loss_tokens": torch.tensor(5.0),
+              "tokens_ds1": torch.tensor(2.0)}]
+    return Trainer._reduce_metrics(owner, store)
+
+
+@pytest.mark.parametrize("layout, sizes, expected", [
+    # DP=2: both replicas' sums; TP=2: one rank per replica (rank 0); PP=2: the last stage (rank 1).
+    ("dp2", {}, {"loss_sum": 303.0, "loss_tokens": 30.0, "tokens_ds0": 8.0, "tokens_ds1": 4.0}),
+    ("tp2", {"tensor": 2}, {"loss_sum": 101.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
+    ("pp2", {"pipeline": 2}, {"loss_sum": 202.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
+])
+def test_metric_reduction_counts_each_replica_once(run_distributed, layout, sizes, expected):
+    """Two in-process gloo ranks: micro-batch sums are reduced over data-parallel replicas only
+    (tensor-parallel copies and earlier pipeline stages do not add), and every rank gets them."""
+    assert run_distributed(_reduce_tagged_metrics, 2, **sizes) == [expected, expected], layout
