@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from engine.callbacks import Callback
+from engine.callbacks.base import Callback
 
 
 class PreemptionHandler(Callback):

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
-from engine.callbacks import Callback
+from engine.callbacks.base import Callback
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class OomSnapshot(Callback):
         if torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(max_entries=self.max_entries)
 
-    def on_exception(self, trainer, exc: BaseException) -> None:
+    def on_error(self, trainer, exc: BaseException) -> None:
         if not isinstance(exc, torch.OutOfMemoryError):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)

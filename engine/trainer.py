@@ -1,6 +1,10 @@
 """The training loop: megatron-core model, DDP, optimizer and schedule, driven by an objective.
 
-``Trainer(cfg).fit()`` is the whole run. One step is readable in ``train_step``: zero the
+``Trainer(cfg).fit()`` is the whole run: the step, the counters (iteration, consumed samples,
+skipped steps, tokens per source) and the hooks of the callbacks (:mod:`engine.callbacks`),
+which do everything else: throughput and MFU, the log line, metric files, validation,
+checkpoint cadence and the final checkpoint, signals, profiling. A user's own callbacks are
+passed to ``Trainer(cfg, callbacks=[...])``. One step is readable in ``train_step``: zero the
 gradient buffers, run megatron-core's forward-backward schedule over the micro-batches
 (it finalises gradients: DP reduction, tied-embedding sync, division by the global number
 of valid tokens), reduce the metrics, then the optimizer step from megatron-core's pieces
@@ -19,22 +23,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
-from engine.callbacks import build_callbacks
+from engine.callbacks import Callback, build_callbacks
 from engine.config import Config, validate
 from engine.data import gpt_data
 from engine.data.builders import build_training_data
-from engine.metrics import (MetricsWriter, detect_gpu, flops_per_token, format_line, mfu,
-                            peak_memory_gib, print_rank0)
+from engine.metrics import print_rank0
 from engine.objectives import build_objective
-from engine.precision import mfu_precision
 from engine.profiling import NvtxIterator, nvtx_range
 
 log = logging.getLogger(__name__)
@@ -54,10 +56,28 @@ class StopTraining(Exception):
         self.exit_code = exit_code
 
 
-class Trainer:
-    """Builds every component from the config, then trains (``fit``)."""
+@dataclass
+class StepOutput:
+    """What one ``Trainer.train_step`` produced."""
 
-    def __init__(self, cfg: Config):
+    metrics: Dict[str, Optional[float]]
+    """Flat: the objective's finalized metrics (``loss``, ...), ``grad_norm`` and ``lr``."""
+    sums: Dict[str, float]
+    """The globally reduced metric sums they were finalized from, with ``tokens_ds<i>`` (the
+    tokens of data source i in this batch)."""
+    skip: Optional[str]
+    """Why the update was not applied: None (applied), ``"nonfinite"`` (loss or gradient norm
+    NaN/Inf) or ``"loss_scale"`` (fp16 dynamic loss scaling found Inf and lowered the scale:
+    routine, not counted against the non-finite policy)."""
+
+
+class Trainer:
+    """Builds every component from the config, then trains (``fit``).
+
+    ``callbacks``: the caller's own :class:`~engine.callbacks.Callback` objects, called after
+    the built-in ones at every hook."""
+
+    def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
         from parallel.setup import init_distributed, init_model_parallel, world_size_from_env
 
         self.cfg = cfg
@@ -70,6 +90,7 @@ class Trainer:
         self.run_lock = acquire_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock)
         init_model_parallel(cfg.parallel, cfg.training.seed)
         self._build()
+        self.callbacks = build_callbacks(cfg, callbacks)
 
     # ----------------------------------------------------------------------------- setup
     def _build(self) -> None:
@@ -128,20 +149,11 @@ class Trainer:
 
         self.objective = build_objective(cfg)
         self._build_data()
-        self.objective.prepare(self)
-        self.callbacks = build_callbacks(cfg)
         self._stop = None
         self._saved_path: Optional[Path] = None
-
-        self.gpu = cfg.logging.gpu or detect_gpu()
-        self.flops_token = flops_per_token(cfg.model, cfg.data.seq_length)
-        self.writer: Optional[MetricsWriter] = None
-        if self.env.rank == 0:
-            log_dir = cfg.logging.dir or str(Path(cfg.checkpoint.dir) / "logs")
-            # Records past the start iteration belong to an abandoned timeline (a crash after
-            # the last checkpoint): dropped, so each step is recorded once.
-            self.writer = MetricsWriter(log_dir, cfg.logging.tensorboard, cfg.logging.wandb_project, cfg.to_dict(),
-                                        truncate_after=self.state.iteration)
+        self._consecutive_skips = 0
+        self.callbacks: List[Callback] = []  # set by __init__ after the build (prepare runs without hooks)
+        self.objective.prepare(self)
 
     def _maybe_load(self) -> None:
         """Resume, load or initialise from a checkpoint, after the timeline checks.
@@ -256,25 +268,22 @@ class Trainer:
         dist.all_reduce(vec)
         return dict(zip(names, vec.cpu().tolist()))
 
-    def train_step(self) -> Dict[str, float]:
-        """One optimizer step over one global batch; returns the step's metrics.
-
-        ``metrics["skip"]`` says why the update was not applied: None (applied),
-        ``"nonfinite"`` (loss or gradient norm NaN/Inf) or ``"loss_scale"`` (fp16 dynamic loss
-        scaling found Inf and lowered the scale: routine, not counted against the policy)."""
+    def train_step(self) -> StepOutput:
+        """One optimizer step over one global batch (step ``state.iteration + 1``): the
+        forward-backward pass, the callbacks' ``pre_optim_step``, the optimizer step. The
+        counters are not advanced here (``fit`` does that)."""
         for m in self.model:
             m.zero_grad_buffer()
         self.optimizer.zero_grad()
         with nvtx_range("forward-backward"):
             sums = self._forward_backward(self.train_iters, forward_only=False)
         metrics = self.objective.finalize_metrics(sums)
-        metrics["sums"] = sums
+        self._hook("pre_optim_step", self.state.iteration + 1, metrics)
         with nvtx_range("optimizer-step"):
             skip, grad_norm = self._optimizer_step(metrics["loss"])
-        metrics["skip"] = skip
         metrics["grad_norm"] = grad_norm
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        return metrics
+        return StepOutput(metrics, sums, skip)
 
     def _optimizer_step(self, loss: float):
         """megatron-core's ``optimizer.step()`` split open so the finiteness check sits between
@@ -311,25 +320,65 @@ class Trainer:
         self.scheduler.step(increment=1)
         return None, grad_norm
 
-    def evaluate(self) -> Dict[str, float]:
-        """The objective's finalized metrics over ``training.eval_steps`` global batches of
-        validation data (the same ones every time): loss, and e.g. held-out preference accuracy."""
-        t = self.cfg.training
+    def forward_only(self, dataset, num_samples: int) -> Dict[str, float]:
+        """Forward passes without gradients (model in eval mode, back in train mode after)
+        over samples ``0 .. num_samples-1`` of ``dataset`` in order, in global batches
+        (``num_samples`` a multiple of ``training.global_batch_size``; data-parallel ranks
+        take interleaved micro-batches). Returns the objective's metric sums over all of
+        them, reduced over ranks (every rank gets them). The objective's loss functions run
+        as in training, so an objective can collect per-sample values there (DPO's reference
+        pass does)."""
+        gbs = self.cfg.training.global_batch_size
+        if num_samples % gbs:
+            raise ValueError(f"forward_only: {num_samples} samples is not a whole number of global batches "
+                             f"of {gbs}")
+        its = self._iterators(dataset, num_samples, 0)
+        total: Dict[str, float] = {}
         for m in self.model:
             m.eval()
-        its = self._iterators(self.valid_ds, t.eval_steps * t.global_batch_size, 0)
-        total: Dict[str, float] = {}
-        with torch.no_grad():
-            for _ in range(t.eval_steps):
-                for key, value in self._forward_backward(its, forward_only=True).items():
-                    total[key] = total.get(key, 0.0) + value
-        for m in self.model:
-            m.train()
-        return self.objective.finalize_metrics(total)
+        try:
+            with torch.no_grad():
+                for _ in range(num_samples // gbs):
+                    for key, value in self._forward_backward(its, forward_only=True).items():
+                        total[key] = total.get(key, 0.0) + value
+        finally:
+            for m in self.model:
+                m.train()
+        return total
 
+    def evaluate(self, dataset=None, steps: Optional[int] = None) -> Dict[str, float]:
+        """The objective's finalized metrics over ``steps`` (default ``training.eval_steps``)
+        global batches of ``dataset`` (default: the validation data; the same batches every
+        time): loss, and e.g. held-out preference accuracy."""
+        t = self.cfg.training
+        steps = t.eval_steps if steps is None else steps
+        sums = self.forward_only(self.valid_ds if dataset is None else dataset, steps * t.global_batch_size)
+        return self.objective.finalize_metrics(sums)
+
+    def load_weights(self, path) -> None:
+        """Load the model weights of the complete checkpoint ``path`` (any TP/PP layout,
+        verified against its manifest) into this run's model; the optimizer's master copies
+        follow them. Optimizer state, scheduler and progress are not touched."""
+        ckpt_lib.load_checkpoint(Path(path), self.model, self.optimizer, load_optimizer=False)
+
+    # -------------------------------------------------------------------------- callbacks
     def request_stop(self, exit_code: int, reason: str) -> None:
         """Ask the loop to checkpoint and stop after the current step (for callbacks)."""
         self._stop = (exit_code, reason)
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether a callback asked the run to stop after the current step."""
+        return self._stop is not None
+
+    def log_metrics(self, step: int, metrics: Dict[str, Optional[float]], split: str = "train") -> None:
+        """Hand ``metrics`` of ``step`` to every callback's ``log_metrics`` (console, files, ...)."""
+        self._hook("log_metrics", step, metrics, split)
+
+    def _hook(self, name: str, *args) -> None:
+        """Call hook ``name`` on every callback, in order."""
+        for cb in self.callbacks:
+            getattr(cb, name)(self, *args)
 
     # -------------------------------------------------------------------------------- run
     def save(self) -> Optional[Path]:
@@ -361,95 +410,75 @@ class Trainer:
         return path
 
     def fit(self) -> ckpt_lib.TrainState:
-        """Train until ``training.steps``; checkpoint at the interval and at the end."""
-        cfg, t = self.cfg, self.cfg.training
-        tokens_per_step = t.global_batch_size * self.objective.sequences_per_sample * cfg.data.seq_length
+        """Train until ``training.steps``: the step, the counters and the hooks (their order is
+        in :mod:`engine.callbacks.base`). A stop asked for by a callback ends the run after the
+        step, with the final checkpoint and ``on_train_end``, by raising StopTraining."""
+        t = self.cfg.training
         if len(self.state.source_tokens) != len(self.dataset_names):
             self.state.source_tokens = [0.0] * len(self.dataset_names)
-        ds_tokens = self.state.source_tokens  # updated in place, saved with the checkpoint
-        world = self.env.world_size
-        precision = mfu_precision(self.tf_config, self.dtype)  # fixed for the run
         for m in self.model:
             m.train()
-        for cb in self.callbacks:
-            cb.on_train_start(self)
-        consecutive_skips = 0
-        while self.state.iteration < t.steps:
-            for cb in self.callbacks:
-                cb.on_step_start(self, self.state.iteration + 1)
-            start = time.perf_counter()
-            try:
-                metrics = self.train_step()
-            except Exception as exc:  # e.g. torch.OutOfMemoryError: let callbacks record it
-                for cb in self.callbacks:
-                    cb.on_exception(self, exc)
-                raise
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
-            sums = metrics.pop("sums")
-            skip = metrics.pop("skip")
-            # A skipped step still consumes its batch: the data position advances, as in Megatron-LM.
-            self.state.iteration += 1
-            self.state.consumed_train_samples += t.global_batch_size
-            if skip is not None:
-                self.state.skipped_steps += 1
-            consecutive_skips = consecutive_skips + 1 if skip == "nonfinite" else 0
-            metrics.update(skipped=int(skip is not None), skipped_total=self.state.skipped_steps)
-            for i in range(len(ds_tokens)):
-                ds_tokens[i] += sums.get(f"tokens_ds{i}", 0.0)
-            metrics.update(
-                step_time=elapsed,
-                tokens_per_s=tokens_per_step / elapsed,
-                tokens_per_s_per_gpu=tokens_per_step / elapsed / world,
-                peak_mem_gib=peak_memory_gib(),
-                consumed_samples=self.state.consumed_train_samples,
-            )
-            metrics["mfu"] = mfu(metrics["tokens_per_s_per_gpu"], self.flops_token, self.gpu, precision)
-            if len(ds_tokens) > 1:
-                total = sum(ds_tokens) or 1.0
-                for i, name in enumerate(self.dataset_names):
-                    metrics[f"share/{name}"] = ds_tokens[i] / total
-            step = self.state.iteration
-            if self.writer is not None:
-                self.writer.write(step, metrics)
-            if step % cfg.logging.interval == 0 or step == 1 or step == t.steps:
-                line = format_line(step, t.steps, metrics)
-                line += "".join(f" | {k} {metrics[k]:.4f}" for k in self.objective.log_keys if k in metrics)
-                if len(ds_tokens) > 1:
-                    line += " | share " + ", ".join(
-                        f"{n} {100 * metrics[f'share/{n}']:.1f}%" for n in self.dataset_names)
-                print_rank0(line)
-            if skip == "nonfinite":
-                self._on_nonfinite(metrics, consecutive_skips)
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.steps):
-                val = self.evaluate()
-                shown = ["loss"] + [k for k in ("ppl",) + tuple(self.objective.log_keys) if k in val]
-                print_rank0(f"validation at step {step}: " + " | ".join(f"{k} {val[k]:.4f}" for k in shown))
-                if self.writer is not None:
-                    self.writer.write(step, val, prefix="valid")
-            for cb in self.callbacks:
-                cb.on_step_end(self, step, metrics)
-            if self._stop is not None and step != t.steps:
-                self._finish()
-                raise StopTraining(*self._stop)
-            if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0 and step != t.steps:
-                self.save()
-        self._finish()
+        try:
+            self._hook("on_train_start")
+            while self.state.iteration < t.steps:
+                step = self.state.iteration + 1
+                self._hook("on_step_start", step)
+                out = self.train_step()
+                metrics = self._advance(out)
+                self._hook("record_metrics", step, metrics)
+                self.log_metrics(step, metrics)
+                if out.skip == "nonfinite":  # after the log: the skipped step is recorded before a stop
+                    self._on_nonfinite(metrics)
+                self._hook("on_step_end", step, metrics)
+                if self._stop is not None and step != t.steps:
+                    self._finish()
+                    raise StopTraining(*self._stop)
+            self._finish()
+        except StopTraining:
+            raise
+        except Exception as exc:  # e.g. torch.OutOfMemoryError: let callbacks record it
+            self._on_error(exc)
+            raise
         return self.state
 
+    def _advance(self, out: StepOutput) -> Dict[str, Optional[float]]:
+        """Advance the counters after a step; returns the step's flat metrics with them.
+
+        A skipped step still consumes its batch: the data position advances, as in Megatron-LM.
+        ``state.source_tokens`` (tokens per data source) is saved with the checkpoint."""
+        s = self.state
+        s.iteration += 1
+        s.consumed_train_samples += self.cfg.training.global_batch_size
+        if out.skip is not None:
+            s.skipped_steps += 1
+        self._consecutive_skips = self._consecutive_skips + 1 if out.skip == "nonfinite" else 0
+        for i in range(len(s.source_tokens)):
+            s.source_tokens[i] += out.sums.get(f"tokens_ds{i}", 0.0)
+        return {**out.metrics, "skipped": int(out.skip is not None), "skipped_total": s.skipped_steps,
+                "consumed_samples": s.consumed_train_samples}
+
     def _finish(self) -> None:
-        """Final checkpoint, callbacks' end hooks, close the metric sinks."""
-        self.save()
-        for cb in self.callbacks:
-            cb.on_train_end(self)
-        if self.writer is not None:
-            self.writer.close()
+        """End of the run: ``pre_train_end`` (the final checkpoint), ``on_train_end`` (metric
+        sinks closed, signal handlers restored, ...), then the run directory is unlocked."""
+        self._hook("pre_train_end")
+        self._hook("on_train_end")
         self.run_lock.release()
 
-    def _on_nonfinite(self, metrics: Dict[str, float], consecutive: int) -> None:
-        """Apply the non-finite policy after a skipped step (see the module docstring)."""
+    def _on_error(self, exc: BaseException) -> None:
+        """Every callback's ``on_error``; one that fails itself is logged, so ``exc`` is what propagates."""
+        for cb in self.callbacks:
+            try:
+                cb.on_error(self, exc)
+            except Exception:  # noqa: BLE001 - the run's own error matters more
+                log.exception("callback %s failed in on_error", type(cb).__name__)
+
+    def _on_nonfinite(self, metrics: Dict[str, Optional[float]]) -> None:
+        """Apply the non-finite policy after a skipped step (see the module docstring).
+
+        Part of the step rather than a callback: it decides whether the run may go on, and
+        a callback list without it would silently train through NaNs."""
         t = self.cfg.training
+        consecutive = self._consecutive_skips
         what = f"loss is {metrics['loss']}, grad_norm {metrics['grad_norm']} at step {self.state.iteration}"
         if consecutive <= t.max_skipped_steps or not t.exit_on_nonfinite:
             print_rank0(f"warning: {what}: update skipped ({consecutive} in a row, "

@@ -11,9 +11,10 @@ values. ``<cache>`` is ``objective.reference_cache_dir``, or the dataset's direc
 writable, else ``<checkpoint.dir>/reference_cache`` (decided before the pass, so a read-only
 data directory never costs a reference pass that cannot be stored).
 
-The pass runs the policy's own ``forward_step`` and megatron-core schedule over every pair of
-the dataset (any TP/PP/DP layout; data-parallel ranks take interleaved slices, results are
-gathered), with the reference weights loaded into the policy model. When the reference is
+The pass is the trainer's public ``forward_only`` (the policy's own ``forward_step`` and
+megatron-core schedule) over every pair of the dataset (any TP/PP/DP layout; data-parallel
+ranks take interleaved slices, results are gathered), with the reference weights loaded into
+the policy model by ``trainer.load_weights``. When the reference is
 not the ``checkpoint.init_from`` weights the run loads it first and the init weights after.
 """
 from __future__ import annotations
@@ -26,7 +27,6 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
@@ -170,23 +170,18 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
         if not cfg.checkpoint.init_from:
             raise ConfigError("objective.reference differs from the policy's weights: give checkpoint.init_from "
                               "so the policy can be restored after the reference pass")
-        ckpt_lib.load_checkpoint(ref, trainer.model, None, load_optimizer=False)
+        trainer.load_weights(ref)
 
     data = ChatIndexed(prefix, "preference")
     n = data.num_docs
     gbs = cfg.training.global_batch_size
     total = int(math.ceil(n / gbs)) * gbs
     ordered = PreferenceDataset(data, 0, n, cfg.data.seq_length, total, cfg.data.seed, pad, shuffle=False)
-    its = trainer._iterators(ordered, total, 0)
-    for m in trainer.model:
-        m.eval()
     objective.start_collecting()
-    with torch.no_grad():
-        for _ in range(total // gbs):
-            trainer._forward_backward(its, forward_only=True)
-    local = objective.stop_collecting()
-    for m in trainer.model:
-        m.train()
+    try:
+        trainer.forward_only(ordered, total)
+    finally:
+        local = objective.stop_collecting()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     values = np.full((n, 2), np.nan, dtype=np.float64)
@@ -202,8 +197,7 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
     dist.barrier()
     print_rank0(f"dpo: computed reference log-probs of {n} pairs with {ref} -> {path}")
     if not weights_are_reference:
-        ckpt_lib.load_checkpoint(Path(cfg.checkpoint.init_from), trainer.model, trainer.optimizer,
-                                 load_optimizer=False)
+        trainer.load_weights(cfg.checkpoint.init_from)
     return values
 
 

@@ -1,0 +1,19 @@
+"""Validation at a step cadence."""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from engine.callbacks.base import Callback
+
+
+class EvaluationCallback(Callback):
+    """Every ``interval`` steps and at the last step (never when ``interval`` is 0): the
+    trainer's ``evaluate()`` over the validation data, logged as split ``"valid"``."""
+
+    def __init__(self, interval: int):
+        self.interval = interval
+
+    def on_step_end(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+        if not self.interval or not (step % self.interval == 0 or step == trainer.cfg.training.steps):
+            return
+        trainer.log_metrics(step, trainer.evaluate(), split="valid")
