@@ -92,6 +92,7 @@ def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
     raise AssertionError(f"{text!r} not seen:\n{''.join(seen)[-3000:]}")
 
 
+@pytest.mark.slow  # default suite: test_preemption_signals.py (SIGTERM to the group, then resume) and test_chaos.py
 def test_sigterm_checkpoints_and_resume_continues(tmp_path, synthetic_data):
     run = tmp_path / "run"
     cfg = base_config(synthetic_data, run)

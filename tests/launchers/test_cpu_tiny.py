@@ -2,10 +2,13 @@
 launchers build from the bundled sample (not the GPU run's data and checkpoints)."""
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import step_metrics
 from tests.launchers.test_launchers import _env, _run
 
 
+@pytest.mark.slow  # ~27 s: two launcher runs with their tokenizer and data builds
 def test_cpu_tiny_sft_then_orpo_from_its_checkpoint(tmp_path):
     data = tmp_path / "tiny_data"
     sft_dir, orpo_dir = tmp_path / "sft", tmp_path / "orpo"

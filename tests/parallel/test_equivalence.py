@@ -19,6 +19,7 @@ from tests.conftest import base_config, run_engine, step_metrics
 REL_TOL = 1e-5
 GRAD_NORM_REL_TOL = 1e-4
 
+# tp2_pp2 (4 processes) runs in the slow suite; TP and PP each stay in the default one.
 LLAMA_LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "pp2": (2, ["parallel.pipeline=2"]),
@@ -60,7 +61,8 @@ def test_reference_run_learns(llama_reference):
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.05, ref
 
 
-@pytest.mark.parametrize("layout", list(LLAMA_LAYOUTS))
+@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k == "tp2_pp2" else k
+                                    for k in LLAMA_LAYOUTS])
 def test_llama_layout_matches_single_rank(layout, llama_reference, synthetic_data):
     root, init_ckpt, ref = llama_reference
     nproc, overrides = LLAMA_LAYOUTS[layout]
