@@ -8,6 +8,8 @@ measured before ORPO (a run with learning rate 0) and after it; it must rise. Th
 of the ORPO checkpoint must read pretrain -> sft -> orpo."""
 from __future__ import annotations
 
+import pytest
+
 from engine.checkpoint import read_lineage
 from tests.conftest import post_training_config, run_engine, step_metrics
 
@@ -16,6 +18,7 @@ def _ckpt(run_dir, steps):
     return run_dir / "checkpoints" / f"iter_{steps:07d}"
 
 
+@pytest.mark.slow  # ~35 s; the objectives' layouts: test_post_training_equivalence.py, launchers: test_cpu_tiny.py
 def test_pretrain_sft_replay_orpo(tmp_path, post_training_data):
     d = post_training_data
     pre = post_training_config(d, tmp_path / "pretrain", "pretrain", "pretrain")
