@@ -5,16 +5,24 @@ names the key and the closest valid ones (the seed runs lost weeks to keys a scr
 ignored). Invalid combinations of sizes are reported with the numbers that disagree, before
 any process group exists. The resolved tree is printed at start and saved in every
 checkpoint (``to_dict`` / ``to_yaml``).
+
+This module is the ground floor of the project: it imports nothing from engine/, models/ or
+parallel/, so every layer may import it. What needs the rest of the project is passed in by
+the caller: preset resolution (``load_config(..., presets=...)``) and the subsystems' own
+checks (``validate(cfg, world, checks=...)``); ``engine.run_config`` assembles both.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import math
+import os
+import signal
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Dict, List, Optional, Sequence
+from typing import Annotated, Any, Callable, Dict, List, Literal, Optional, Sequence
 
 import yaml
 
@@ -61,6 +69,18 @@ class Range:
         return "any finite number"
 
 
+def field_choices(typ: Any) -> Optional[tuple]:
+    """The values a ``Literal[...]`` field allows (looking through Optional and List), or None."""
+    if typing.get_origin(typ) is Literal:
+        return typing.get_args(typ)
+    for arg in typing.get_args(typ):
+        if isinstance(arg, type) or typing.get_origin(arg) is not None:
+            found = field_choices(arg)
+            if found is not None:
+                return found
+    return None
+
+
 def field_range(typ: Any) -> Optional[Range]:
     """The Range written in a field's type (looking through Optional and List), or None."""
     if typing.get_origin(typ) is Annotated:
@@ -103,15 +123,15 @@ class ModelConfig:
     so a checkpoint keeps its shapes when it is loaded at another tensor-parallel size."""
     max_seq_length: Annotated[int, Range(ge=1)] = 128
     """Longest sequence the model supports (learned positions table size, RoPE range)."""
-    position_embedding: str = "rope"
+    position_embedding: Literal["rope", "learned_absolute"] = "rope"
     """``rope`` or ``learned_absolute``."""
     rotary_base: Annotated[float, Range(gt=0)] = 10000.0
     """RoPE theta."""
-    normalization: str = "RMSNorm"
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """``RMSNorm`` or ``LayerNorm`` (pre-norm in both cases)."""
     norm_epsilon: Annotated[float, Range(gt=0)] = 1e-5
     """Epsilon of the normalisation layers."""
-    activation: str = "swiglu"
+    activation: Literal["swiglu", "gelu"] = "swiglu"
     """MLP activation: ``swiglu`` (gated SiLU) or ``gelu``."""
     add_bias: bool = False
     """Biases on linear layers (GPT-2 style) or not (LLaMA style)."""
@@ -131,14 +151,73 @@ class ModelConfig:
     """FFN width of one expert; None means ffn_hidden_size."""
     moe_aux_loss_coeff: Annotated[float, Range(ge=0)] = 1e-2
     """Weight of the load-balancing auxiliary loss."""
-    moe_token_dispatcher: str = "alltoall"
+    moe_token_dispatcher: Literal["alltoall", "allgather"] = "alltoall"
     """megatron-core token dispatcher: ``alltoall`` or ``allgather``."""
     moe_grouped_gemm: bool = False
     """Use grouped GEMM experts (needs TransformerEngine)."""
     sliding_window: Annotated[int, Range(ge=0)] = 0
     """Sliding-window attention span in tokens; 0 means full causal attention everywhere."""
-    sliding_window_layers: str = "all"
+    sliding_window_layers: Literal["all", "even", "odd"] = "all"
     """Which layers use the window: ``all``, ``even`` or ``odd`` (0-based layer index)."""
+
+    # Derived sizes: computed here only, every other module reads them.
+    @property
+    def head_dim(self) -> int:
+        """Channels per attention head: ``kv_channels``, else hidden_size / num_attention_heads."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads: ``num_query_groups``, else one per query head (MHA)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows: vocab padded to a multiple of ``make_vocab_size_divisible_by``."""
+        multiple = self.make_vocab_size_divisible_by
+        return int(math.ceil(self.vocab_size / multiple) * multiple)
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """FFN width of one expert: ``moe_ffn_hidden_size``, else ``ffn_hidden_size``."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
+
+    def window_layers(self) -> Optional[List[int]]:
+        """Per-layer 0/1 list (megatron's ``window_attn_skip_freq``) of sliding-window layers;
+        None without a window."""
+        if not self.sliding_window:
+            return None
+        pattern = self.sliding_window_layers
+        return [int(pattern == "all" or (pattern == "even") == (i % 2 == 0)) for i in range(self.num_layers)]
+
+    def flops_per_token(self, seq_length: int, training: bool = True) -> float:
+        """Model FLOPs per token (matmuls only, 2 per multiply-add; x3 for training).
+
+        Counts projections, MLP (top-k experts for MoE, plus the router), the causal
+        (and sliding-window) attention score and value products, and the LM head."""
+        h = self.hidden_size
+        q_dim, kv_dim = self.num_attention_heads * self.head_dim, self.query_groups * self.head_dim
+        proj = 2 * (h * (q_dim + 2 * kv_dim) + q_dim * h)
+        mats = 3 if self.activation == "swiglu" else 2
+        if self.num_experts:
+            mlp = 2 * self.moe_router_topk * mats * h * self.expert_ffn_hidden_size + 2 * h * self.num_experts
+        else:
+            mlp = 2 * mats * h * self.ffn_hidden_size
+        attn = 0.0
+        for windowed in self.window_layers() or [0] * self.num_layers:
+            keys = attention_keys_per_query(seq_length, self.sliding_window if windowed else 0)
+            attn += 2 * 2 * keys * q_dim
+        head = 2 * h * self.padded_vocab_size
+        forward = self.num_layers * (proj + mlp) + attn + head
+        return forward * (3 if training else 1)
+
+
+def attention_keys_per_query(seq: int, window: int) -> float:
+    """Average keys a query attends to under a causal mask, optionally windowed."""
+    if window and window < seq:
+        # First `window` queries see 1..window keys, the rest see `window`.
+        return (window * (window + 1) / 2 + (seq - window) * window) / seq
+    return (seq + 1) / 2
 
 
 @dataclass
@@ -164,8 +243,21 @@ class ParallelConfig:
     """Overlap the data-parallel gradient reduction with the backward pass."""
     overlap_param_gather: bool = False
     """Overlap the distributed optimizer's parameter all-gather with the forward pass."""
-    backend: str = "auto"
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     """Process-group backend: ``auto`` (NCCL with CUDA, gloo otherwise), ``nccl`` or ``gloo``."""
+
+    @property
+    def model_parallel(self) -> int:
+        """Ranks holding one model replica: tensor x pipeline x context."""
+        return self.tensor * self.pipeline * self.context
+
+    def data_parallel(self, world_size: int) -> int:
+        """Data-parallel size implied by ``world_size`` and the model-parallel sizes."""
+        return world_size // self.model_parallel
+
+    def expert_data_parallel(self, world_size: int) -> int:
+        """Replicas of each expert: ``world_size`` / (expert x tensor x pipeline), at least 1."""
+        return max(world_size // (self.expert * self.tensor * self.pipeline), 1)
 
 
 @dataclass
@@ -220,7 +312,7 @@ class DataConfig:
     """SFT: blend weights of ``replay_paths``; None means proportional to size."""
     replay_ratio: Annotated[float, Range(ge=0, lt=1)] = 0.0
     """SFT: target share of replayed data in training, e.g. 0.3; realised share is logged."""
-    replay_by: str = "tokens"
+    replay_by: Literal["tokens", "samples"] = "tokens"
     """SFT: what the replay ratio counts: ``tokens`` (loss tokens) or ``samples``."""
 
 
@@ -250,7 +342,7 @@ class ScheduleConfig:
 
     warmup_steps: Annotated[int, Range(ge=0)] = 0
     """Steps of linear warmup from 0 to the peak LR."""
-    decay_style: str = "cosine"
+    decay_style: Literal["cosine", "linear", "constant"] = "cosine"
     """``cosine``, ``linear`` or ``constant``."""
     decay_steps: Optional[Annotated[int, Range(ge=1)]] = None
     """Steps from the start to the end of the decay; None means ``training.steps``."""
@@ -272,7 +364,7 @@ class TrainingConfig:
     """Steps between validation runs; 0 disables validation."""
     eval_steps: Annotated[int, Range(ge=1)] = 2
     """Global batches per validation run."""
-    recompute: str = "none"
+    recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     exit_on_nonfinite: bool = True
     """A step whose loss or gradient norm is NaN/Inf is always skipped (no update, no scheduler
@@ -286,47 +378,78 @@ class TrainingConfig:
 
 
 @dataclass
+class OrpoConfig:
+    """ORPO settings (``objective.orpo``), read when ``objective.name`` is ``orpo``."""
+
+    weight: Annotated[float, Range(ge=0)] = 0.25
+    """Weight of the odds-ratio term (the paper's lambda, TRL's ``beta``); rewards are reported
+    as weight x mean log-prob."""
+    nll_includes_prompt: bool = False
+    """The NLL term also covers the prompt tokens of the chosen sequence (TRL's behaviour)."""
+
+
+@dataclass
+class DpoConfig:
+    """DPO settings (``objective.dpo``), read when ``objective.name`` is ``dpo``."""
+
+    beta: Annotated[float, Range(gt=0)] = 0.1
+    """Inverse temperature of the implicit reward."""
+    loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    """Loss: ``sigmoid`` (with ``label_smoothing``), ``ipo`` or ``hinge``."""
+    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
+    """Sigmoid loss: assumed probability that a preference label is flipped (conservative DPO)."""
+    reference: Optional[str] = None
+    """Reference checkpoint whose log-probabilities are computed once (forward only) and
+    stored (see ``reference_cache_dir``); None means ``checkpoint.init_from``."""
+    reference_cache_dir: Optional[str] = None
+    """Directory of the stored reference log-probabilities (keyed on the data's bytes, the
+    reference weights, sequence length, chat template, pad id and dtype); None means next to
+    the dataset when that directory is writable, else ``<checkpoint.dir>/reference_cache``."""
+
+
+@dataclass
 class ObjectiveConfig:
-    """What the model is trained to do; each name is one object in ``engine/objectives``."""
+    """What the model is trained to do; each name is one object in ``engine/objectives``, and
+    an objective with settings reads them from its own sub-section (``objective.orpo``,
+    ``objective.dpo``)."""
 
     name: str = "pretrain"
     """Objective: ``pretrain`` (next-token loss on every token), ``sft`` (loss on assistant
     tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs)."""
-    orpo_lambda: Annotated[float, Range(ge=0)] = 0.25
-    """ORPO: weight of the odds-ratio term (TRL's ``beta``); rewards are reported as lambda x mean log-prob."""
-    nll_includes_prompt: bool = False
-    """ORPO: the NLL term also covers the prompt tokens of the chosen sequence (TRL's behaviour)."""
-    beta: Annotated[float, Range(gt=0)] = 0.1
-    """DPO: inverse temperature of the implicit reward."""
-    dpo_loss: str = "sigmoid"
-    """DPO loss: ``sigmoid`` (with ``label_smoothing``), ``ipo`` or ``hinge``."""
-    label_smoothing: Annotated[float, Range(ge=0, lt=0.5)] = 0.0
-    """DPO sigmoid loss: assumed probability that a preference label is flipped (conservative DPO)."""
-    reference: Optional[str] = None
-    """DPO: reference checkpoint whose log-probabilities are computed once (forward only) and
-    stored (see ``reference_cache_dir``); None means ``checkpoint.init_from``."""
-    reference_cache_dir: Optional[str] = None
-    """DPO: directory of the stored reference log-probabilities (keyed on the data's bytes, the
-    reference weights, sequence length, chat template, pad id and dtype); None means next to
-    the dataset when that directory is writable, else ``<checkpoint.dir>/reference_cache``."""
+    orpo: OrpoConfig = field(default_factory=OrpoConfig)
+    """ORPO settings (used when ``name`` is ``orpo``)."""
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+    """DPO settings (used when ``name`` is ``dpo``)."""
+
+
+# Keys that moved: an old config names the new place instead of "unknown key".
+MOVED_KEYS = {
+    "objective.orpo_lambda": "objective.orpo.weight",
+    "objective.nll_includes_prompt": "objective.orpo.nll_includes_prompt",
+    "objective.beta": "objective.dpo.beta",
+    "objective.dpo_loss": "objective.dpo.loss",
+    "objective.label_smoothing": "objective.dpo.label_smoothing",
+    "objective.reference": "objective.dpo.reference",
+    "objective.reference_cache_dir": "objective.dpo.reference_cache_dir",
+}
 
 
 @dataclass
 class PrecisionConfig:
     """Numeric formats of parameters, activations and gradient reductions."""
 
-    dtype: str = "auto"
+    dtype: Literal["auto", "bf16", "fp16", "fp32", "fp8"] = "auto"
     """``auto`` (bf16 on CUDA, fp32 on CPU), ``bf16``, ``fp16``, ``fp32``, or ``fp8`` (bf16
     parameters and activations, transformer-layer GEMMs in FP8 through TransformerEngine; see
     ``engine/precision.py``)."""
     grad_reduce_in_fp32: bool = True
     """Accumulate and reduce gradients in fp32."""
-    fp8_recipe: str = "auto"
+    fp8_recipe: Literal["auto", "mxfp8", "tensorwise", "delayed", "blockwise"] = "auto"
     """FP8 scaling recipe with ``dtype: fp8``: ``auto`` (``mxfp8`` on Blackwell, compute
     capability 10.x; ``tensorwise`` on Hopper with TE >= 2.2, else ``delayed``), ``mxfp8``
     (32-value block scales, Blackwell only), ``tensorwise`` (per-tensor current scaling),
     ``delayed`` (per-tensor amax history) or ``blockwise`` (1x128/128x128 block scales)."""
-    fp8_format: str = "auto"
+    fp8_format: Literal["auto", "e4m3", "hybrid"] = "auto"
     """FP8 formats: ``e4m3`` everywhere, ``hybrid`` (E5M2 for gradients) or ``auto`` (e4m3
     for mxfp8/blockwise, hybrid for the per-tensor recipes)."""
     fp8_param: bool = False
@@ -427,17 +550,29 @@ class Config:
     """The whole run."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Parallel layout."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Training data."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """AdamW settings."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """Learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch sizes and run length."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    """Training objective and its settings."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Numeric formats."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    """Profiling windows."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    """Clean stops on signals."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Reporting."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints."""
 
     def to_dict(self) -> Dict[str, Any]:
         """Plain nested dict of the resolved config."""
@@ -472,6 +607,10 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
     """Check/convert one leaf value against its annotated type."""
     origin = typing.get_origin(typ)
     args = typing.get_args(typ)
+    if origin is Literal:  # a choice: the message names key, value and every choice
+        if value not in args or isinstance(value, bool):
+            raise ConfigError(f"{path} is {value!r}; choose one of {', '.join(map(str, args))}")
+        return value
     if origin is Annotated:  # a numeric field with its Range
         value = _coerce(value, args[0], path)
         for rng in typ.__metadata__:
@@ -524,6 +663,9 @@ def _apply(obj: Any, values: Dict[str, Any], where: str) -> None:
     types = _field_types(type(obj))
     for key, value in values.items():
         if key not in types:
+            moved = MOVED_KEYS.get(f"{where}{key}")
+            if moved:
+                raise ConfigError(f"'{where}{key}' moved to '{moved}'")
             raise _unknown_key(str(key), list(types), where)
         typ = types[key]
         if dataclasses.is_dataclass(typ):
@@ -561,18 +703,24 @@ def _deep_merge(base: Dict[str, Any], extra: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def from_dict(values: Dict[str, Any]) -> Config:
-    """Build a Config from a nested dict. A ``model.preset`` is applied first, then the
-    other ``model`` keys override it."""
+PresetResolver = Callable[[str], ModelConfig]
+"""Preset name -> a fresh ModelConfig (``models.presets.get_preset``); raises ConfigError."""
+
+
+def from_dict(values: Dict[str, Any], presets: Optional[PresetResolver] = None) -> Config:
+    """Build a Config from a nested dict. A ``model.preset`` is resolved by ``presets`` and
+    applied first, then the other ``model`` keys override it (a preset without a resolver is
+    an error: this module knows no presets)."""
     if not isinstance(values, dict):
         raise ConfigError(f"a config must be a mapping at the top level, got {type(values).__name__}")
     cfg = Config()
     model_values = dict(values.get("model") or {})
     preset = model_values.get("preset")
     if preset is not None:
-        from models.presets import get_preset
-
-        cfg.model = get_preset(str(preset))
+        if presets is None:
+            raise ConfigError(f"model.preset is {preset!r} but no preset resolver was given; load the "
+                              f"config with engine.run_config.load_run_config")
+        cfg.model = presets(str(preset))
     rest = {k: v for k, v in values.items()}
     rest["model"] = model_values
     _apply(cfg, rest, "")
@@ -584,8 +732,10 @@ def from_dict(values: Dict[str, Any]) -> Config:
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML file (optional) and apply dotted ``key=value`` overrides."""
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
+                presets: Optional[PresetResolver] = None) -> Config:
+    """Read a YAML file (optional) and apply dotted ``key=value`` overrides; ``presets``
+    resolves ``model.preset`` (see ``from_dict``)."""
     values: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -595,48 +745,43 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not isinstance(values, dict):
             raise ConfigError(f"'{p}' must hold a mapping at the top level")
     values = _deep_merge(values, parse_overrides(overrides))
-    return from_dict(values)
+    return from_dict(values, presets)
 
 
 # --------------------------------------------------------------------------------------
 # Validation
 # --------------------------------------------------------------------------------------
 
-_CHOICES = {
-    "model.position_embedding": ("rope", "learned_absolute"),
-    "model.normalization": ("RMSNorm", "LayerNorm"),
-    "model.activation": ("swiglu", "gelu"),
-    "model.moe_token_dispatcher": ("alltoall", "allgather"),
-    "model.sliding_window_layers": ("all", "even", "odd"),
-    "parallel.backend": ("auto", "nccl", "gloo"),
-    "schedule.decay_style": ("cosine", "linear", "constant"),
-    "training.recompute": ("none", "selective", "full"),
-    "data.replay_by": ("tokens", "samples"),
-    "objective.dpo_loss": ("sigmoid", "ipo", "hinge"),
-    "precision.dtype": ("auto", "bf16", "fp16", "fp32", "fp8"),
-}
+ConfigCheck = Callable[["Config"], List[str]]
+"""A subsystem's own check of the config: the problems it finds, as messages (empty: fine)."""
 
 
-def data_parallel_size(cfg: Config, world_size: int) -> int:
-    """Data-parallel size implied by the world size and the model-parallel sizes."""
-    p = cfg.parallel
-    return world_size // (p.tensor * p.pipeline * p.context)
+def _choice_errors(obj: Any, where: str) -> List[str]:
+    """``Literal`` fields holding a value outside their choices (a config built or changed in
+    code, which the loader never saw)."""
+    errors = []
+    for name, typ in _field_types(type(obj)).items():
+        value = getattr(obj, name)
+        if dataclasses.is_dataclass(value):
+            errors.extend(_choice_errors(value, f"{where}{name}."))
+            continue
+        choices = field_choices(typ)
+        if choices is not None and value is not None and value not in choices:
+            errors.append(f"{where}{name} is {value!r}; choose one of {', '.join(map(str, choices))}")
+    return errors
 
 
-def validate(cfg: Config, world_size: int) -> None:
-    """Raise ConfigError listing every inconsistency between sizes, naming the numbers."""
+def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -> None:
+    """Raise ConfigError listing every inconsistency between sizes, naming the numbers.
+
+    Only rules across sections live here; ``checks`` are the subsystems' own (objective names,
+    FP8 alignment: ``engine.run_config.RUN_CHECKS``), their messages are reported with these."""
     errors: List[str] = []
     m, p, t = cfg.model, cfg.parallel, cfg.training
 
-    from engine.objectives import OBJECTIVES
-
-    if cfg.objective.name not in OBJECTIVES:
-        errors.append(f"objective.name is {cfg.objective.name!r}; choose one of {', '.join(OBJECTIVES)}")
-    for dotted, choices in _CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            errors.append(f"{dotted} is {value!r}; choose one of {', '.join(choices)}")
+    for check in checks:
+        errors.extend(check(cfg))
+    errors.extend(_choice_errors(cfg, ""))
 
     for name in ("tensor", "pipeline", "context", "expert"):
         if getattr(p, name) < 1:
@@ -644,7 +789,7 @@ def validate(cfg: Config, world_size: int) -> None:
     if errors:
         raise ConfigError("; ".join(errors))
 
-    groups = m.num_query_groups or m.num_attention_heads
+    groups = m.query_groups
     if m.num_attention_heads % p.tensor:
         errors.append(
             f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
@@ -670,7 +815,7 @@ def validate(cfg: Config, world_size: int) -> None:
         )
     if p.virtual_pipeline is not None and p.pipeline < 2:
         errors.append(f"parallel.virtual_pipeline ({p.virtual_pipeline}) needs parallel.pipeline >= 2")
-    mp = p.tensor * p.pipeline * p.context
+    mp = p.model_parallel
     if world_size % mp:
         errors.append(
             f"world size ({world_size}) is not divisible by parallel.tensor x parallel.pipeline x "
@@ -692,7 +837,7 @@ def validate(cfg: Config, world_size: int) -> None:
                 f"ranks of one pipeline stage ({world_size} / {p.pipeline} = {stage_ranks})"
             )
     if world_size % mp == 0:
-        dp = world_size // mp
+        dp = p.data_parallel(world_size)
         if t.global_batch_size % (t.micro_batch_size * dp):
             errors.append(
                 f"training.global_batch_size ({t.global_batch_size}) is not divisible by "
@@ -706,9 +851,9 @@ def validate(cfg: Config, world_size: int) -> None:
                     f"interleaved pipelining needs micro-batches per step ({micro}) divisible by "
                     f"parallel.pipeline ({p.pipeline})"
                 )
-    if padded_vocab_size(m) % p.tensor:
+    if m.padded_vocab_size % p.tensor:
         errors.append(
-            f"padded vocab ({padded_vocab_size(m)}) is not divisible by parallel.tensor ({p.tensor}); "
+            f"padded vocab ({m.padded_vocab_size}) is not divisible by parallel.tensor ({p.tensor}); "
             f"raise model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by})"
         )
     if cfg.data.seq_length > m.max_seq_length:
@@ -737,29 +882,19 @@ def validate(cfg: Config, world_size: int) -> None:
     if cfg.data.replay_weights is not None and len(cfg.data.replay_weights) != len(cfg.data.replay_paths):
         errors.append(f"data.replay_weights has {len(cfg.data.replay_weights)} entries but data.replay_paths "
                       f"has {len(cfg.data.replay_paths)}")
-    if not 0.0 <= cfg.objective.label_smoothing < 0.5:
-        errors.append(f"objective.label_smoothing must be in [0, 0.5), got {cfg.objective.label_smoothing}")
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
-    from engine.precision import check_fp8_config
-
-    errors.extend(check_fp8_config(cfg))
     pf = cfg.profile
     if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
         errors.append(f"profile.start_step ({pf.start_step}) and profile.end_step ({pf.end_step}) must "
                       f"satisfy 0 <= start_step <= end_step")
     if pf.torch_profiler and not pf.start_step:
         errors.append("profile.torch_profiler needs a window: set profile.start_step (and profile.end_step)")
-    import signal as _signal
-
     for name in cfg.preemption.signals:
-        if not isinstance(getattr(_signal, name, None), _signal.Signals):
+        if not isinstance(getattr(signal, name, None), signal.Signals):
             errors.append(f"preemption.signals: {name!r} is not a signal name (e.g. SIGTERM, SIGUSR1)")
     if errors:
         raise ConfigError("; ".join(errors))
-    import os
-    import warnings
-
     # Printed once, by rank 0 (or a plain process), when the trainer, `engine config` or
     # `engine plan` validates the config; the run goes on.
     if os.environ.get("RANK", "0") == "0":
@@ -778,9 +913,3 @@ def config_warnings(cfg: Config) -> List[str]:
         found.append(f"schedule.warmup_steps ({s.warmup_steps}) is not below schedule.decay_steps "
                      f"({s.decay_steps}): the decay is stretched to end at step {s.warmup_steps + 1}")
     return found
-
-
-def padded_vocab_size(model: ModelConfig) -> int:
-    """Embedding rows: vocab padded to a multiple of ``make_vocab_size_divisible_by``."""
-    multiple = model.make_vocab_size_divisible_by
-    return int(math.ceil(model.vocab_size / multiple) * multiple)

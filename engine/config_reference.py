@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import inspect
 import typing
+from pathlib import Path
 from typing import Dict, List
 
 from engine import config as config_module
@@ -25,6 +26,8 @@ def field_docs(cls) -> Dict[str, str]:
 
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is typing.Literal:  # the choices are shown in the range column
+        return type(typing.get_args(tp)[0]).__name__
     text = str(tp).replace("typing.", "")
     return text if not isinstance(tp, type) else tp.__name__
 
@@ -33,28 +36,45 @@ def _is_list(tp) -> bool:
     return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
 
 
+def _allowed(hint, ranged) -> str:
+    """The range column: a Literal's choices, or a numeric Range (for a list, of each element)."""
+    choices = config_module.field_choices(ranged)
+    if choices is not None:
+        return "one of " + ", ".join(f"`{c}`" for c in choices)
+    rng = config_module.field_range(ranged)
+    return "" if rng is None else f"each {rng}" if _is_list(hint) else str(rng)
+
+
+def _section(lines: List[str], key: str, section) -> None:
+    """Append the table of one section, then those of its sub-sections (``objective.dpo``)."""
+    cls = type(section)
+    lines.append(f"### `{key}` — {' '.join(inspect.getdoc(cls).split())}")
+    lines.append("")
+    lines.append("| key | type | range | default | meaning |")
+    lines.append("| --- | --- | --- | --- | --- |")
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    ranged = typing.get_type_hints(cls, include_extras=True)
+    nested = []
+    for sub in dataclasses.fields(cls):
+        default = getattr(section, sub.name)
+        if dataclasses.is_dataclass(default):
+            nested.append((f"{key}.{sub.name}", default))
+            continue
+        lines.append(f"| `{key}.{sub.name}` | `{_type_name(hints[sub.name])}` | "
+                     f"{_allowed(hints[sub.name], ranged[sub.name])} | `{default!r}` | "
+                     f"{docs.get(sub.name, '').replace('|', '/')} |")
+    lines.append("")
+    for sub_key, sub_section in nested:
+        _section(lines, sub_key, sub_section)
+
+
 def reference_markdown() -> str:
-    """Markdown tables of every config section: key, type, allowed range, default, meaning."""
+    """Markdown tables of every config section: key, type, allowed range or choices, default, meaning."""
     lines: List[str] = []
     root = config_module.Config()
     for f in dataclasses.fields(config_module.Config):
-        section = getattr(root, f.name)
-        cls = type(section)
-        lines.append(f"### `{f.name}` — {' '.join(inspect.getdoc(cls).split())}")
-        lines.append("")
-        lines.append("| key | type | range | default | meaning |")
-        lines.append("| --- | --- | --- | --- | --- |")
-        docs = field_docs(cls)
-        hints = typing.get_type_hints(cls)
-        ranged = typing.get_type_hints(cls, include_extras=True)
-        for sub in dataclasses.fields(cls):
-            default = getattr(section, sub.name)
-            rng = config_module.field_range(ranged[sub.name])
-            # A list field's range applies to each element.
-            shown = "" if rng is None else f"each {rng}" if _is_list(hints[sub.name]) else str(rng)
-            lines.append(f"| `{f.name}.{sub.name}` | `{_type_name(hints[sub.name])}` | {shown} | `{default!r}` | "
-                         f"{docs.get(sub.name, '').replace('|', '/')} |")
-        lines.append("")
+        _section(lines, f.name, getattr(root, f.name))
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -68,8 +88,6 @@ def embedded_reference(text: str) -> str:
 
 def update_readme(path: str) -> None:
     """Replace the reference between the markers of ``path`` with the current one."""
-    from pathlib import Path
-
     p = Path(path)
     head, rest = p.read_text().split(START, 1)
     _, tail = rest.split(END, 1)

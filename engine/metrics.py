@@ -1,8 +1,9 @@
 """Throughput, MFU and memory figures, and where logged metrics go (stdout, JSONL, TensorBoard, wandb).
 
 Every number is computed from the config and measured times, never assumed: FLOPs per
-token come from the architecture, the peak from a table of dense (non-sparse) tensor-core
-throughput per GPU model and precision. On CPU, MFU is "n/a".
+token come from the architecture (``ModelConfig.flops_per_token``), the peak from a table
+of dense (non-sparse) tensor-core throughput per GPU model and precision
+(``parallel.hardware.PEAK_TFLOPS``, shared with the planner). On CPU, MFU is "n/a".
 """
 from __future__ import annotations
 
@@ -17,18 +18,9 @@ from typing import Dict, Optional
 
 import torch
 
-from engine.config import ModelConfig, padded_vocab_size
+from parallel.hardware import PEAK_TFLOPS
 
 log = logging.getLogger(__name__)
-
-# Dense peak TFLOP/s per GPU from the vendors' data sheets (SXM parts, no sparsity).
-PEAK_TFLOPS = {
-    "a100": {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5},
-    "h100": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0},
-    "h200": {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0},
-    "b200": {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "mxfp8": 4500.0, "fp32": 75.0},
-    "gb200": {"bf16": 2500.0, "fp16": 2500.0, "fp8": 5000.0, "mxfp8": 5000.0, "fp32": 80.0},
-}
 
 
 def detect_gpu() -> Optional[str]:
@@ -40,44 +32,6 @@ def detect_gpu() -> Optional[str]:
         if key in name:
             return key
     return None
-
-
-def attention_keys_per_query(seq: int, window: int) -> float:
-    """Average keys a query attends to under a causal mask, optionally windowed."""
-    if window and window < seq:
-        # First `window` queries see 1..window keys, the rest see `window`.
-        return (window * (window + 1) / 2 + (seq - window) * window) / seq
-    return (seq + 1) / 2
-
-
-def flops_per_token(model: ModelConfig, seq_length: int, training: bool = True) -> float:
-    """Model FLOPs per token (matmuls only, 2 per multiply-add; x3 for training).
-
-    Counts projections, MLP (top-k experts for MoE, plus the router), the causal
-    (and sliding-window) attention score and value products, and the LM head."""
-    h = model.hidden_size
-    heads = model.num_attention_heads
-    head_dim = model.kv_channels or h // heads
-    groups = model.num_query_groups or heads
-    q_dim, kv_dim = heads * head_dim, groups * head_dim
-    proj = 2 * (h * (q_dim + 2 * kv_dim) + q_dim * h)
-    mats = 3 if model.activation == "swiglu" else 2
-    if model.num_experts:
-        ffn = model.moe_ffn_hidden_size or model.ffn_hidden_size
-        mlp = 2 * model.moe_router_topk * mats * h * ffn + 2 * h * model.num_experts
-    else:
-        mlp = 2 * mats * h * model.ffn_hidden_size
-    attn = 0.0
-    for layer in range(model.num_layers):
-        windowed = model.sliding_window and (
-            model.sliding_window_layers == "all"
-            or (model.sliding_window_layers == "even") == (layer % 2 == 0)
-        )
-        keys = attention_keys_per_query(seq_length, model.sliding_window if windowed else 0)
-        attn += 2 * 2 * keys * q_dim
-    head = 2 * h * padded_vocab_size(model)
-    forward = model.num_layers * (proj + mlp) + attn + head
-    return forward * (3 if training else 1)
 
 
 def peak_memory_gib() -> float:

@@ -36,10 +36,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from engine.config import ConfigError
+import torch
 
-FP8_RECIPES = ("auto", "mxfp8", "tensorwise", "delayed", "blockwise")
-FP8_FORMATS = ("auto", "e4m3", "hybrid")
+from engine.config import Config, ConfigError
+from models.specs import transformer_engine_available
 
 
 class PrecisionError(ConfigError):
@@ -88,12 +88,10 @@ def alignment(recipe: str) -> Tuple[int, int]:
     return (32, 32) if recipe == "mxfp8" else (16, 8)
 
 
-def gemm_widths(cfg) -> List[Tuple[str, int]]:
+def gemm_widths(cfg: Config) -> List[Tuple[str, int]]:
     """Per-rank widths of every GEMM dimension of a transformer layer, with their names."""
     m, p = cfg.model, cfg.parallel
-    heads = m.num_attention_heads
-    head_dim = m.kv_channels or m.hidden_size // heads
-    groups = m.num_query_groups or heads
+    heads, head_dim, groups = m.num_attention_heads, m.head_dim, m.query_groups
     tp = p.tensor
     widths = [
         ("model.hidden_size", m.hidden_size),
@@ -101,31 +99,26 @@ def gemm_widths(cfg) -> List[Tuple[str, int]]:
         ("attention output per tensor-parallel rank", heads * head_dim // tp),
     ]
     if m.num_experts:
-        ffn = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        ffn = m.expert_ffn_hidden_size
         widths.append(("expert FFN per tensor-parallel rank (model.moe_ffn_hidden_size / parallel.tensor)", ffn // tp))
     else:
         widths.append(("FFN per tensor-parallel rank (model.ffn_hidden_size / parallel.tensor)", m.ffn_hidden_size // tp))
     return widths
 
 
-def check_fp8_config(cfg, recipe: Optional[str] = None) -> List[str]:
+def check_fp8_config(cfg: Config, recipe: Optional[str] = None) -> List[str]:
     """Config-time problems of an FP8 request (empty when fine or when FP8 is off).
 
     ``recipe`` is the recipe to check alignment for; by default the configured one
     (``auto`` is checked against the per-tensor rule here and again, with the chosen
     recipe, by ``resolve_fp8``)."""
     pr = cfg.precision
+    # The recipe and format names are Literal choices, checked by the loader and ``validate``.
     errors: List[str] = []
-    if pr.fp8_recipe not in FP8_RECIPES:
-        errors.append(f"precision.fp8_recipe is {pr.fp8_recipe!r}; choose one of {', '.join(FP8_RECIPES)}")
-    if pr.fp8_format not in FP8_FORMATS:
-        errors.append(f"precision.fp8_format is {pr.fp8_format!r}; choose one of {', '.join(FP8_FORMATS)}")
     if pr.dtype != "fp8":
         if pr.fp8_param or pr.first_last_layers_bf16:
             errors.append(f"precision.fp8_param / precision.first_last_layers_bf16 need precision.dtype=fp8 "
                           f"(it is {pr.dtype!r})")
-        return errors
-    if errors:
         return errors
     recipe = recipe or pr.fp8_recipe
     if pr.first_last_layers_bf16:
@@ -185,10 +178,6 @@ def select_recipe(requested: str, capability: Optional[Tuple[int, int]], te_vers
 
 def _detect() -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     """(compute capability of the current GPU, TE version) of this machine; None where absent."""
-    import torch
-
-    from models.specs import transformer_engine_available
-
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     te_version = None
     if transformer_engine_available():
@@ -198,7 +187,7 @@ def _detect() -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     return capability, te_version
 
 
-def resolve_fp8(cfg, capability: Optional[Tuple[int, int]] = None, te_version: Optional[str] = None,
+def resolve_fp8(cfg: Config, capability: Optional[Tuple[int, int]] = None, te_version: Optional[str] = None,
                 detect: bool = True) -> Optional[Fp8Settings]:
     """FP8 settings for the run, or None when ``precision.dtype`` is not ``fp8``.
 
@@ -229,9 +218,7 @@ def resolve_fp8(cfg, capability: Optional[Tuple[int, int]] = None, te_version: O
 
 
 def mfu_precision(tf_config, dtype) -> str:
-    """Key of ``engine.metrics.PEAK_TFLOPS`` for the run's GEMM precision."""
-    import torch
-
+    """Key of ``parallel.hardware.PEAK_TFLOPS`` for the run's GEMM precision."""
     fp8 = getattr(tf_config, "fp8", None)
     if fp8:
         return "mxfp8" if str(getattr(tf_config, "fp8_recipe", "")).endswith("mxfp8") else "fp8"

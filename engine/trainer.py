@@ -32,12 +32,13 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
 from engine.callbacks import Callback, build_callbacks
-from engine.config import Config, validate
+from engine.config import Config
 from engine.data import gpt_data
 from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
 from engine.profiling import NvtxIterator, nvtx_range
+from engine.run_config import validate_run
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ class Trainer:
 
         self.cfg = cfg
         # Sizes are checked against the launcher's world size before any group exists.
-        validate(cfg, world_size_from_env())
+        validate_run(cfg, world_size_from_env())
         self.env = init_distributed(cfg.parallel)
         # Before anything is written to the run directory: one job per directory.
         from engine.run_lock import acquire_for_run
@@ -98,6 +99,7 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 
         from engine.optim import build_optimizer, build_scheduler
+        from engine.precision import resolve_fp8
         from models.build import build_gpt_chunks, resolve_dtype
         from parallel.setup import describe_layout
 
@@ -108,7 +110,7 @@ class Trainer:
         self.num_micro = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
 
         print_rank0("resolved config:\n" + cfg.to_yaml())
-        built = build_gpt_chunks(cfg, self.dtype)
+        built = build_gpt_chunks(cfg, self.dtype, fp8=resolve_fp8(cfg))
         self.tf_config = built.config
         print_rank0(f"layers: {built.spec_description}; dtype {self.dtype}; device {self.env.device}")
         print_rank0(f"layout: {describe_layout()} (world {self.env.world_size}, dp {self.dp_size}, micro-batches/step {self.num_micro})")

@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer import TransformerConfig
 
-from engine.config import Config, ModelConfig, ParallelConfig, padded_vocab_size
+from engine.config import Config, ConfigError, ModelConfig, ParallelConfig
+from models.params import active_parameters
+from models.specs import layer_spec
 
 log = logging.getLogger(__name__)
 
@@ -27,14 +32,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp8": torch.bfloat16}[name]
 
 
-def window_layers(model: ModelConfig) -> Optional[List[int]]:
-    """Per-layer 0/1 list (megatron's ``window_attn_skip_freq``) of sliding-window layers."""
-    if not model.sliding_window:
-        return None
-    pattern = model.sliding_window_layers
-    return [
-        int(pattern == "all" or (pattern == "even") == (i % 2 == 0)) for i in range(model.num_layers)
-    ]
+class Fp8Fields(Protocol):
+    """The FP8 settings the builder needs (``engine.precision.Fp8Settings`` is one); the engine
+    resolves them against the GPU and TransformerEngine and passes them in."""
+
+    def transformer_kwargs(self) -> Dict[str, Any]:
+        """FP8 fields of megatron-core's TransformerConfig."""
+
+    def describe(self) -> str:
+        """One line for the log."""
 
 
 def transformer_config(
@@ -43,14 +49,12 @@ def transformer_config(
     dtype: torch.dtype = torch.float32,
     recompute: str = "none",
     on_cpu: Optional[bool] = None,
-    fp8: Optional[dict] = None,
-):
+    fp8: Optional[Dict[str, Any]] = None,
+) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
 
     On CPU the CUDA-only fusions are off and weights are initialised on the CPU. ``fp8`` holds
-    the FP8 fields (``engine.precision.Fp8Settings.transformer_kwargs``), None for no FP8."""
-    from megatron.core.transformer import TransformerConfig
-
+    the FP8 fields (``Fp8Fields.transformer_kwargs``), None for no FP8."""
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
     swiglu = model.activation == "swiglu"
@@ -58,7 +62,7 @@ def transformer_config(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups or model.num_attention_heads,
+        num_query_groups=model.query_groups,
         kv_channels=model.kv_channels,
         ffn_hidden_size=model.ffn_hidden_size,
         normalization=model.normalization,
@@ -90,13 +94,13 @@ def transformer_config(
         gradient_accumulation_fusion=False,  # needs apex/TE fused wgrad kernels
         persist_layer_norm=False,
         window_size=(model.sliding_window - 1, 0) if model.sliding_window else None,
-        window_attn_skip_freq=window_layers(model),
+        window_attn_skip_freq=model.window_layers(),
     )
     if model.num_experts:
         kwargs.update(
             num_moe_experts=model.num_experts,
             moe_router_topk=model.moe_router_topk,
-            moe_ffn_hidden_size=model.moe_ffn_hidden_size or model.ffn_hidden_size,
+            moe_ffn_hidden_size=model.expert_ffn_hidden_size,
             moe_aux_loss_coeff=model.moe_aux_loss_coeff,
             moe_router_load_balancing_type="aux_loss",
             moe_token_dispatcher_type=model.moe_token_dispatcher,
@@ -116,20 +120,20 @@ class BuiltModel:
     """Model chunks of this rank and how they were built."""
 
     chunks: List[torch.nn.Module]
-    config: object  # megatron TransformerConfig
+    config: TransformerConfig
     spec_description: str
 
 
-def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = None) -> BuiltModel:
-    """Construct this rank's ``GPTModel`` chunk(s); parallel_state must be initialised."""
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
+def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = None,
+                     fp8: Optional[Fp8Fields] = None) -> BuiltModel:
+    """Construct this rank's ``GPTModel`` chunk(s); parallel_state must be initialised.
 
-    from engine.precision import resolve_fp8
-    from models.specs import layer_spec
-
-    # Refuses FP8 without TE, or a recipe the GPU lacks, before any layer exists.
-    fp8 = resolve_fp8(cfg)
+    ``fp8``: the run's resolved FP8 settings (``engine.precision.resolve_fp8``, which refuses
+    FP8 without TE, or a recipe the GPU lacks, before any layer exists); required with
+    ``precision.dtype: fp8``, so no caller builds a bf16 model for an FP8 config by omission."""
+    if cfg.precision.dtype == "fp8" and fp8 is None:
+        raise ConfigError("precision.dtype is fp8 but no FP8 settings were given to the model builder "
+                          "(pass fp8=engine.precision.resolve_fp8(cfg))")
     tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute,
                                    fp8=fp8.transformer_kwargs() if fp8 else None)
     spec, description = layer_spec(cfg.model, use_te, cfg.parallel.sequence_parallel)
@@ -142,7 +146,7 @@ def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = N
         model = GPTModel(
             config=tf_config,
             transformer_layer_spec=spec,
-            vocab_size=padded_vocab_size(cfg.model),
+            vocab_size=cfg.model.padded_vocab_size,
             max_sequence_length=cfg.model.max_seq_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -165,10 +169,11 @@ class ParameterCount:
 
 
 def count_parameters(chunks: List[torch.nn.Module], model: ModelConfig) -> ParameterCount:
-    """Count unique parameters of fully built (TP=PP=1) chunks.
+    """Count the unique parameters of fully built (TP=PP=1) chunks: what megatron-core really
+    allocated, to hold against ``models.params.parameter_counts`` (the formula).
 
-    ``active`` counts, for MoE layers, only ``moe_router_topk`` of ``num_experts`` experts:
-    the parameters one token actually uses."""
+    ``active`` counts, for MoE layers, only ``moe_router_topk`` of ``num_experts`` experts
+    (the rule of ``models.params.active_parameters``)."""
     seen = set()
     total = expert = embedding = 0
     for chunk in chunks:
@@ -182,7 +187,4 @@ def count_parameters(chunks: List[torch.nn.Module], model: ModelConfig) -> Param
                 expert += n
             if "embedding" in name or "output_layer" in name:
                 embedding += n
-    active = total
-    if model.num_experts:
-        active = total - expert + expert * model.moe_router_topk // model.num_experts
-    return ParameterCount(total=total, active=active, embedding=embedding)
+    return ParameterCount(total=total, active=active_parameters(model, total, expert), embedding=embedding)

@@ -42,7 +42,7 @@ dropped, Mixtral experts as ``block_sparse_moe.experts.<e>.w1/w2/w3``).
 ``hf_to_megatron`` accepts both layouts.
 
 Vocabulary padding: megatron's embedding (and untied output layer) has
-``padded_vocab_size(model_cfg)`` rows; Hugging Face gets the first ``model_cfg.vocab_size``
+``model_cfg.padded_vocab_size`` rows; Hugging Face gets the first ``model_cfg.vocab_size``
 rows, and the import pads back with zero rows.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from engine.config import ModelConfig, padded_vocab_size
+from engine.config import ModelConfig
 
 __all__ = [
     "ConversionError",
@@ -109,10 +109,7 @@ _TE_GROUPED = re.compile(r"^(.*\.mlp\.experts)\.(linear_fc[12])\.(weight|bias)(\
 
 def _heads(cfg: ModelConfig) -> Tuple[int, int, int]:
     """(query heads, key/value heads, head dim) as megatron builds them."""
-    heads = cfg.num_attention_heads
-    groups = cfg.num_query_groups or heads
-    head_dim = cfg.kv_channels or cfg.hidden_size // heads
-    return heads, groups, head_dim
+    return cfg.num_attention_heads, cfg.query_groups, cfg.head_dim
 
 
 def hf_family(model_cfg: ModelConfig) -> str:
@@ -242,7 +239,7 @@ def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = Fals
         kwargs.update(extra)
         return transformers.LlamaConfig(**kwargs)
     kwargs.update(
-        intermediate_size=c.moe_ffn_hidden_size or c.ffn_hidden_size,
+        intermediate_size=c.expert_ffn_hidden_size,
         num_local_experts=c.num_experts,
         num_experts_per_tok=c.moe_router_topk,
         router_aux_loss_coef=c.moe_aux_loss_coeff,
@@ -265,7 +262,7 @@ def expected_megatron_shapes(model_cfg: ModelConfig) -> Dict[str, Tuple[int, ...
     c = model_cfg
     heads, groups, head_dim = _heads(c)
     h = c.hidden_size
-    vocab = padded_vocab_size(c)
+    vocab = c.padded_vocab_size
     qkv_rows = (heads + 2 * groups) * head_dim
     fc1_mult = 2 if c.activation == "swiglu" else 1
     norm_bias = c.normalization == "LayerNorm"
@@ -290,7 +287,7 @@ def expected_megatron_shapes(model_cfg: ModelConfig) -> Dict[str, Tuple[int, ...
         linear(p + "self_attention.linear_proj", h, heads * head_dim)
         norm(p + "pre_mlp_layernorm")
         if c.num_experts:
-            ffn = c.moe_ffn_hidden_size or c.ffn_hidden_size
+            ffn = c.expert_ffn_hidden_size
             out[p + "mlp.router.weight"] = (c.num_experts, h)
             for e in range(c.num_experts):
                 linear(p + f"mlp.experts.local_experts.{e}.linear_fc1", fc1_mult * ffn, h)
@@ -655,7 +652,7 @@ def _hf_tied_head(src: _Source, cfg: ModelConfig, emb_key: str) -> None:
 def _llama_to_megatron(src: _Source, cfg: ModelConfig, moe: bool) -> _Target:
     dst = _Target("megatron")
     heads, groups, head_dim = _heads(cfg)
-    rows = padded_vocab_size(cfg)
+    rows = cfg.padded_vocab_size
     dst.put("embedding.word_embeddings.weight", _pad(src.take("model.embed_tokens.weight"), rows))
     kinds = ("weight", "bias") if cfg.add_bias else ("weight",)
     for i in range(cfg.num_layers):
@@ -689,7 +686,7 @@ def _llama_to_megatron(src: _Source, cfg: ModelConfig, moe: bool) -> _Target:
 def _gpt2_to_megatron(src: _Source, cfg: ModelConfig) -> _Target:
     dst = _Target("megatron")
     heads, groups, head_dim = _heads(cfg)
-    rows = padded_vocab_size(cfg)
+    rows = cfg.padded_vocab_size
     h = cfg.hidden_size
     dst.put("embedding.word_embeddings.weight", _pad(src.take("transformer.wte.weight"), rows))
     dst.put("embedding.position_embeddings.weight", _c(src.take("transformer.wpe.weight")))
@@ -721,7 +718,7 @@ def hf_to_megatron(
 ) -> Dict[str, torch.Tensor]:
     """Convert a Hugging Face state dict to a full megatron GPTModel state dict (local spec).
 
-    The vocabulary is re-padded to ``padded_vocab_size(model_cfg)`` with zero rows. The
+    The vocabulary is re-padded to ``model_cfg.padded_vocab_size`` with zero rows. The
     result has exactly the parameter keys of ``expected_megatron_shapes(model_cfg)`` and no
     ``_extra_state`` entries; load it with ``load_megatron_state_dict``. With tied
     embeddings ``lm_head.weight`` may be present (it must equal the embedding) or absent.

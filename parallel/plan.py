@@ -5,7 +5,7 @@ Everything here is arithmetic on the config; nothing is allocated. The formulas,
 virtual-pipeline, context, expert parallel sizes; ``d = world / (t p c)`` data parallel;
 ``d_e = world / (e t p)`` expert data parallel):
 
-Parameters (``parameter_counts``), exactly as megatron-core's GPTModel lays them out:
+Parameters (``models.params.parameter_counts``), exactly as megatron-core's GPTModel lays them out:
   per layer: norms ``h`` (``2h`` with LayerNorm biases) x 2; QKV ``(q + 2 kv) h``;
   output projection ``q h``; MLP ``(2f if SwiGLU else f) h + f h`` (+ biases); MoE layers:
   router ``E h`` and ``E`` expert MLPs of width ``f_e``. Plus the word embedding
@@ -40,7 +40,7 @@ by ``t`` with sequence parallelism:
   Logits on the last stage, once: ``T V_pad / t (a + 8)`` bytes (the logits, the fp32
   softmax kept by the cross entropy, and its fp32 gradient).
 
-FLOPs per step: ``engine.metrics.flops_per_token`` x tokens per step. Estimated step time =
+FLOPs per step: ``ModelConfig.flops_per_token`` x tokens per step. Estimated step time =
 FLOPs per step / (GPUs x dense peak of the GPU and precision x MFU), at the MFU the user
 states (model FLOPs: the extra forward of recompute is not counted as useful work).
 
@@ -52,70 +52,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from engine.config import Config, ModelConfig, padded_vocab_size
+from engine.config import Config, ConfigCheck, ConfigError, validate
+from models.params import ParameterCounts, attention_dims, norm_params, parameter_counts
+from parallel.hardware import GPU_MEMORY_GB, PEAK_TFLOPS
+
+__all__ = ["GIB", "GPU_MEMORY_GB", "ParameterCounts", "parameter_counts", "make_plan", "gpu_memory", "suggest"]
 
 GIB = 2**30
-
-# Memory per GPU in GB as the vendors state it (NVIDIA data sheets); the driver reports a
-# little less, which the planner's reserve covers.
-GPU_MEMORY_GB = {"h100": 80.0, "h200": 141.0, "b200": 180.0}
-
-
-@dataclass
-class ParameterCounts:
-    """Whole-model parameter counts, by where they live."""
-
-    total: int
-    active: int
-    embedding: int  # word embedding (+ untied output layer, + learned positions)
-    per_layer_dense: int  # attention + norms (+ dense MLP) of one layer
-    per_layer_expert: int  # all experts of one MoE layer (0 for dense models)
-    per_layer_router: int
-    final_norm: int
-
-
-def _norm_params(m: ModelConfig) -> int:
-    return m.hidden_size * (2 if m.normalization == "LayerNorm" else 1)
-
-
-def _mlp_params(m: ModelConfig, width: int) -> int:
-    h, gated = m.hidden_size, m.activation == "swiglu"
-    fc1 = (2 * width if gated else width) * h + ((2 * width if gated else width) if m.add_bias else 0)
-    fc2 = width * h + (h if m.add_bias else 0)
-    return fc1 + fc2
-
-
-def _attention_dims(m: ModelConfig):
-    head_dim = m.kv_channels or m.hidden_size // m.num_attention_heads
-    groups = m.num_query_groups or m.num_attention_heads
-    return m.num_attention_heads * head_dim, groups * head_dim
-
-
-def parameter_counts(m: ModelConfig) -> ParameterCounts:
-    """Parameters of ``m`` exactly as megatron-core's GPTModel builds them (TP=PP=1)."""
-    h = m.hidden_size
-    q, kv = _attention_dims(m)
-    qkv = (q + 2 * kv) * h + ((q + 2 * kv) if m.add_bias else 0)
-    proj = q * h + (h if m.add_bias else 0)
-    dense = 2 * _norm_params(m) + qkv + proj
-    expert = router = 0
-    if m.num_experts:
-        expert = m.num_experts * _mlp_params(m, m.moe_ffn_hidden_size or m.ffn_hidden_size)
-        router = m.num_experts * h
-    else:
-        dense += _mlp_params(m, m.ffn_hidden_size)
-    vocab = padded_vocab_size(m)
-    embedding = vocab * h + (m.max_seq_length * h if m.position_embedding == "learned_absolute" else 0)
-    if not m.tie_embeddings:
-        embedding += vocab * h
-    final = _norm_params(m)
-    total = m.num_layers * (dense + expert + router) + embedding + final
-    active = total
-    if m.num_experts:
-        active = total - m.num_layers * expert + m.num_layers * expert * m.moe_router_topk // m.num_experts
-    return ParameterCounts(total, active, embedding, dense, expert, router, final)
 
 
 @dataclass
@@ -179,12 +124,12 @@ def stage_parameters(cfg: Config, counts: ParameterCounts, stage: str) -> Dict[s
     h = m.hidden_size
     layers = m.num_layers // p.pipeline
     # Replicated across TP: norms and row-parallel biases; everything else is split by t.
-    replicated_per_layer = 2 * _norm_params(m) + (h if m.add_bias else 0) * (1 if m.num_experts else 2)
+    replicated_per_layer = 2 * norm_params(m) + (h if m.add_bias else 0) * (1 if m.num_experts else 2)
     dense_layer = (counts.per_layer_dense - replicated_per_layer) // t + replicated_per_layer
     dense_layer += counts.per_layer_router  # the router is replicated
     expert_layer = counts.per_layer_expert // (e * t)
     dense = layers * dense_layer
-    vocab_rows = padded_vocab_size(m) * h // t
+    vocab_rows = m.padded_vocab_size * h // t
     if stage in ("first", "only"):
         dense += vocab_rows + (m.max_seq_length * h if m.position_embedding == "learned_absolute" else 0)
     if stage in ("last", "only"):
@@ -204,11 +149,11 @@ def activation_bytes(cfg: Config, dp: int, recompute: Optional[str] = None, micr
     a = act_bytes or _dtype_bytes(cfg)
     t, h = p.tensor, m.hidden_size
     tokens = cfg.data.seq_length * b / p.context
-    q, kv = _attention_dims(m)
+    q, kv = attention_dims(m)
     hs = h / t if p.sequence_parallel else h  # [h]-sized tensors: split by TP only with SP
     mats = 4 if m.activation == "swiglu" else 2
     if m.num_experts:
-        fe = m.moe_ffn_hidden_size or m.ffn_hidden_size
+        fe = m.expert_ffn_hidden_size
         mlp = m.moe_router_topk * (2 * h + mats * fe / t) + 2 * m.num_experts * 4 / a
     else:
         mlp = mats * m.ffn_hidden_size / t
@@ -225,7 +170,7 @@ def activation_bytes(cfg: Config, dp: int, recompute: Optional[str] = None, micr
     in_flight = min(micro, p.pipeline)
     if p.virtual_pipeline:
         in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
-    logits = tokens * padded_vocab_size(m) / t * (a + 8)
+    logits = tokens * m.padded_vocab_size / t * (a + 8)
     if p.pipeline == 1:
         one = layers * saved + extra + logits
         return {"first": one, "last": one}
@@ -238,8 +183,8 @@ def gpu_memory(cfg: Config, counts: ParameterCounts, world: int, recompute: Opti
 
     ``on_cpu``: ``precision.dtype: auto`` means fp32 (as the engine does on CPU), not bf16."""
     p = cfg.parallel
-    d = world // (p.tensor * p.pipeline * p.context)
-    de = max(world // (p.expert * p.tensor * p.pipeline), 1)
+    d = p.data_parallel(world)
+    de = p.expert_data_parallel(world)
     w = _dtype_bytes(cfg, "fp32" if on_cpu else "bf16")
     fp32_training = w == 4
     g = 4 if (cfg.precision.grad_reduce_in_fp32 or fp32_training) else 2
@@ -277,11 +222,9 @@ def _precision_key(cfg: Config, gpu: str) -> str:
 
 
 def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
-              reserve: float = 0.10, on_cpu: bool = False) -> Plan:
-    """Plan ``cfg`` on ``nodes x gpus_per_node`` GPUs of kind ``gpu``; validates the layout first."""
-    from engine.config import ConfigError, validate
-    from engine.metrics import PEAK_TFLOPS, flops_per_token
-
+              reserve: float = 0.10, on_cpu: bool = False, checks: Sequence[ConfigCheck] = ()) -> Plan:
+    """Plan ``cfg`` on ``nodes x gpus_per_node`` GPUs of kind ``gpu``; validates the layout first
+    (``validate`` with the subsystems' ``checks``: ``engine.run_config.RUN_CHECKS`` from the CLI)."""
     # The CLI checks these in argparse; callers of the function get the same words.
     for name, value, ok, shown in (("nodes", nodes, nodes >= 1, ">= 1"),
                                    ("gpus_per_node", gpus_per_node, gpus_per_node >= 1, ">= 1"),
@@ -290,22 +233,22 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float 
         if not ok:
             raise ConfigError(f"plan: {name} must be {shown}, got {value}")
     world = nodes * gpus_per_node
-    validate(cfg, world)
+    validate(cfg, world, checks)
     p, t = cfg.parallel, cfg.training
-    d = world // (p.tensor * p.pipeline * p.context)
+    d = p.data_parallel(world)
     counts = parameter_counts(cfg.model)
     mem = gpu_memory(cfg, counts, world, on_cpu=on_cpu)
     capacity = GPU_MEMORY_GB.get(gpu, 0.0)
     usable = capacity * (1 - reserve)
     fits = mem.total / GIB <= usable if capacity else True
     tokens = t.global_batch_size * cfg.data.seq_length
-    flops = flops_per_token(cfg.model, cfg.data.seq_length) * tokens
+    flops = cfg.model.flops_per_token(cfg.data.seq_length) * tokens
     precision = _precision_key(cfg, gpu)
     peak = PEAK_TFLOPS.get(gpu, {}).get(precision)
     step = flops / (world * peak * 1e12 * mfu) if peak else None
     plan = Plan(world=world, tensor=p.tensor, pipeline=p.pipeline, virtual=p.virtual_pipeline or 1,
                 context=p.context, expert=p.expert, data=d,
-                expert_data=max(world // (p.expert * p.tensor * p.pipeline), 1),
+                expert_data=p.expert_data_parallel(world),
                 micro_batches=t.global_batch_size // (t.micro_batch_size * d), counts=counts, gpu=mem,
                 gpu_name=gpu, capacity_gib=capacity, usable_gib=usable, fits=fits, flops_per_step=flops,
                 tokens_per_step=tokens, precision=precision, peak_tflops=peak, mfu=mfu, step_time_s=step)
@@ -320,7 +263,7 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float 
 def suggest(cfg: Config, counts: ParameterCounts, world: int, usable_gib: float) -> Dict[str, object]:
     """The first (recompute, micro-batch) that fits, cheapest recompute first, largest batch first."""
     p, t = cfg.parallel, cfg.training
-    d = world // (p.tensor * p.pipeline * p.context)
+    d = p.data_parallel(world)
     options = [cfg]
     if not p.distributed_optimizer:
         do = copy.deepcopy(cfg)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from engine.config_reference import reference_markdown, update_readme
+
 
 def register(subparsers) -> None:
     """Add the ``config`` sub-command."""
@@ -18,18 +20,18 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the reference or the validated resolved config."""
-    from engine.config import load_config, validate
-
     if args.reference or args.update_readme:
-        from engine.config_reference import reference_markdown, update_readme
-
         if args.update_readme:
             update_readme(args.update_readme)
             print(f"updated the config reference in {args.update_readme}")
         else:
             print(reference_markdown(), end="")
         return 0
-    cfg = load_config(args.config, args.overrides)
-    validate(cfg, args.world_size)
+    # Here, not at the top: it imports torch and megatron-core (objectives, FP8 checks), and
+    # `python -m engine --help` imports every command module.
+    from engine.run_config import load_run_config, validate_run
+
+    cfg = load_run_config(args.config, args.overrides)
+    validate_run(cfg, args.world_size)
     print(cfg.to_yaml(), end="")
     return 0

@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from parallel.plan import GIB, GPU_MEMORY_GB
+from engine.commands.info import check_target
+from models.presets import PRESETS
+from parallel.plan import GIB, GPU_MEMORY_GB, make_plan
 
 
 def _number(kind, low: float, high: float, closed_low: bool, closed_high: bool, shown: str):
@@ -50,20 +52,20 @@ def register(subparsers) -> None:
 
 def plan_from_args(args: argparse.Namespace):
     """Load the config named on the command line and plan it."""
-    from engine.commands.info import check_target
-    from engine.config import load_config
-    from models.presets import PRESETS
-    from parallel.plan import make_plan
+    # Here, not at the top: it imports torch and megatron-core, and `python -m engine --help`
+    # imports every command module.
+    from engine.run_config import RUN_CHECKS, load_run_config
 
     check_target(args.config)
     if args.config in PRESETS:
         overrides = [f"model.preset={args.config}", f"data.seq_length={PRESETS[args.config]().max_seq_length}",
                      "data.mock=true", *args.overrides]
-        cfg = load_config(None, overrides)
+        cfg = load_run_config(None, overrides)
     else:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_run_config(args.config, args.overrides)
     gpu = "cpu" if args.cpu else args.gpu
-    return cfg, make_plan(cfg, args.nodes, args.gpus_per_node, gpu, args.mfu, args.reserve, on_cpu=args.cpu)
+    return cfg, make_plan(cfg, args.nodes, args.gpus_per_node, gpu, args.mfu, args.reserve, on_cpu=args.cpu,
+                          checks=RUN_CHECKS)
 
 
 def _gib(x: float) -> str:

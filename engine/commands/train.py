@@ -18,8 +18,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Load the config, train, and tear down the process groups."""
+    # Here, not at the top: torch, megatron-core and the trainer take seconds to import, and
+    # `python -m engine --help` imports every command module.
     from engine import process_guard
-    from engine.config import load_config
+    from engine.run_config import load_run_config
     from engine.trainer import NonFiniteLossError, StopTraining, Trainer
     from parallel.setup import shutdown
 
@@ -27,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     # megatron-core logs every bucket and dataset index at INFO; keep its warnings only.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     overrides = list(args.overrides) + (["checkpoint.resume=true"] if args.resume else [])
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides)
     # A rank whose launcher died (torchrun killed with SIGKILL) stops as if signalled:
     # checkpoint, exit 75, run lock released, instead of training on unsupervised.
     watchdog = process_guard.ParentWatchdog(process_guard.signal_self(signal.SIGTERM)).start()

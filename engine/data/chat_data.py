@@ -12,7 +12,7 @@ and EOS), 0 the rest.
 Preference: one document per pair holding two sequences, chosen then rejected (each the
 templated prompt followed by that response); mask 2 marks the response tokens (the ones
 whose log-probability is scored), 1 the prompt and template tokens (added to ORPO's NLL
-term with ``objective.nll_includes_prompt``), 0 none.
+term with ``objective.orpo.nll_includes_prompt``), 0 none.
 
 Tokens and masks being ordinary indexed datasets, ``data inspect`` and megatron-core's
 readers work on both files; a training sample is addressed by document index.

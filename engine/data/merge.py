@@ -16,7 +16,7 @@ import numpy
 from engine.config import ConfigError
 from engine.data.chat_data import CHAT_KINDS, mask_prefix
 from engine.data.indexed_writer import IndexedWriter, read_sidecar
-from engine.data.preprocess import tool_version
+from engine.data.preprocess_common import tool_version
 from engine.data.verify import read_index, scan_max_token_id
 
 

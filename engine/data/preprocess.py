@@ -22,6 +22,8 @@ import numpy
 
 from engine.data import readers
 from engine.data.indexed_writer import IndexedWriter, token_dtype
+from engine.data.preprocess_common import PreprocessError, tool_version
+from engine.data.preprocess_chat import preprocess_chat
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "preference")  # sft / preference: engine/data/preprocess_chat.py
@@ -31,10 +33,6 @@ IN_FLIGHT_PER_WORKER = 4
 # Workers are single-threaded; without these, each one's numpy import starts a BLAS
 # thread pool per core, which made 8 workers take ~2 s to start on a 16-core machine.
 _WORKER_THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-
-
-class PreprocessError(RuntimeError):
-    """The run stopped; no final output was written."""
 
 
 @dataclass
@@ -144,13 +142,6 @@ def shard_prefix(prefix: str, index: int) -> str:
     return f"{prefix}_{index:05d}"
 
 
-def tool_version() -> str:
-    """The engine version recorded in sidecars."""
-    from engine import __version__
-
-    return f"engine.data.preprocess {__version__}"
-
-
 def preprocess(
     inputs: Sequence[str],
     tokenizer: str,
@@ -176,7 +167,6 @@ def preprocess(
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not supported yet (supported: {', '.join(KINDS)})")
     if kind != "pretrain":
-        from engine.data.preprocess_chat import preprocess_chat
 
         return preprocess_chat(inputs, tokenizer, output_prefix, kind, chat_template=chat_template,
                                seq_length=seq_length, skip_bad=skip_bad)

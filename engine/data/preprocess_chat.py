@@ -25,6 +25,7 @@ from engine.data import readers
 from engine.data.chat_data import PROMPT, RESPONSE, ChatWriter
 from engine.data.chat_template import ChatTemplate, ChatTemplateError, get_chat_template
 from engine.data.indexed_writer import token_dtype
+from engine.data.preprocess_common import PreprocessError, tool_version
 from engine.data.tokenizer import load_tokenizer
 
 Pieces = List[Tuple[List[int], bool, bool]]  # (ids, loss, truncatable), see ChatTemplate.encode
@@ -158,8 +159,6 @@ def encode_preference(template: ChatTemplate, tok, rec: Dict, limit: int):
 def preprocess_chat(inputs: Sequence[str], tokenizer: str, output_prefix: str, kind: str,
                     chat_template: str = "chatml", seq_length: int = 2048, skip_bad: bool = False) -> dict:
     """Tokenize JSONL ``inputs`` into ``output_prefix`` (+ ``_lossmask``); returns a summary."""
-    from engine.data.preprocess import PreprocessError, tool_version
-
     if seq_length < 2:
         raise ValueError("--seq-length must be >= 2")
     template = get_chat_template(chat_template)

@@ -5,6 +5,9 @@ The loop never branches on the stage; it asks ``build_objective(cfg)`` for an ob
 ``metric_names`` and ``finalize_metrics``, and builds the data the objective names in
 ``data_kind`` (see ``engine/data/builders.py``).
 """
+from typing import List
+
+from engine.config import Config
 from engine.objectives.base import Objective
 from engine.objectives.dpo import DPOObjective
 from engine.objectives.orpo import ORPOObjective
@@ -14,6 +17,13 @@ from engine.objectives.sft import SFTObjective
 OBJECTIVES = {"pretrain": PretrainObjective, "sft": SFTObjective, "orpo": ORPOObjective, "dpo": DPOObjective}
 
 
-def build_objective(cfg) -> Objective:
+def check_objective(cfg: Config) -> List[str]:
+    """The objectives' check of the config (``engine.run_config.RUN_CHECKS``): a known name."""
+    if cfg.objective.name not in OBJECTIVES:
+        return [f"objective.name is {cfg.objective.name!r}; choose one of {', '.join(OBJECTIVES)}"]
+    return []
+
+
+def build_objective(cfg: Config) -> Objective:
     """The objective named by ``cfg.objective.name``, built from the config."""
     return OBJECTIVES[cfg.objective.name](cfg)

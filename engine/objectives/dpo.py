@@ -10,13 +10,18 @@ IPO uses length-averaged log-probabilities (as TRL does), sigmoid and hinge summ
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 import numpy as np
 import torch
 
+from engine.config import Config, DpoConfig
 from engine.objectives.preference import PreferenceObjective
 from engine.objectives.preference_losses import dpo_terms, finalize_reward_metrics, reward_metric_sums
+from engine.objectives.reference import load_or_compute_reference
+
+if TYPE_CHECKING:  # the trainer imports the objectives; only the annotation names it
+    from engine.trainer import Trainer
 
 
 class DPOObjective(PreferenceObjective):
@@ -27,21 +32,19 @@ class DPOObjective(PreferenceObjective):
                     "logp_chosen_sum", "logp_rejected_sum")
     log_keys = ("rewards/accuracies", "rewards/margins")
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg: Optional[Config] = None):
         super().__init__(cfg)
-        o = cfg.objective if cfg is not None else None
-        self.beta = o.beta if o else 0.1
-        self.loss_type = o.dpo_loss if o else "sigmoid"
-        self.label_smoothing = o.label_smoothing if o else 0.0
+        o = cfg.objective.dpo if cfg is not None else DpoConfig()  # the defaults live in the config
+        self.beta = o.beta
+        self.loss_type = o.loss
+        self.label_smoothing = o.label_smoothing
         self.reference: Optional[np.ndarray] = None
         """[pairs, 2] reference log-prob sums (chosen, rejected) by pair index."""
         self._collected: Optional[List] = None
 
     # -- the reference pass ----------------------------------------------------------------
-    def prepare(self, trainer) -> None:
+    def prepare(self, trainer: "Trainer") -> None:
         """Load (or compute and store) the reference log-probabilities of the dataset."""
-        from engine.objectives.reference import load_or_compute_reference
-
         self.reference = load_or_compute_reference(trainer, self)
 
     def start_collecting(self) -> None:

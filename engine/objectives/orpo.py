@@ -3,12 +3,14 @@
 loss per pair = NLL(chosen) - lambda * log sigmoid(log odds(chosen) - log odds(rejected)),
 with odds from the response log-probabilities averaged over response tokens and
 ``log(1 - p)`` from a stable ``log1mexp`` in float64. The NLL is the mean over the chosen
-response tokens of the pair (``objective.nll_includes_prompt`` adds the prompt tokens, as
-TRL does); per-pair terms are averaged over the pairs of the global batch.
+response tokens of the pair (``objective.orpo.nll_includes_prompt`` adds the prompt tokens, as
+TRL does; both under ``objective.orpo``); per-pair terms are averaged over the pairs of the global batch.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
+
+from engine.config import Config, OrpoConfig
 
 from engine.objectives.preference import PreferenceObjective
 from engine.objectives.preference_losses import (finalize_reward_metrics, masked_logp_sums, orpo_terms,
@@ -23,10 +25,11 @@ class ORPOObjective(PreferenceObjective):
                     "chosen_reward_sum", "rejected_reward_sum", "correct", "margin_sum")
     log_keys = ("nll_loss", "rewards/accuracies", "rewards/margins")
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg: Optional[Config] = None):
         super().__init__(cfg)
-        self.lam = cfg.objective.orpo_lambda if cfg is not None else 0.25
-        self.include_prompt = cfg.objective.nll_includes_prompt if cfg is not None else False
+        o = cfg.objective.orpo if cfg is not None else OrpoConfig()  # the defaults live in the config
+        self.lam = o.weight
+        self.include_prompt = o.nll_includes_prompt
 
     def pair_loss(self, batch, per_token, logp_sum, count):
         avg = logp_sum / count.clamp(min=1.0)

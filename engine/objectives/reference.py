@@ -7,7 +7,7 @@ bytes of the preference data (tokens and loss masks, ``.bin`` and ``.idx``), the
 checkpoint's weights (its manifest of per-file CRCs, or its files' bytes when it has none),
 the sequence length, chat template, pad id and dtype. Rewriting the data under the same
 prefix or retraining the reference in place therefore recomputes instead of reusing stale
-values. ``<cache>`` is ``objective.reference_cache_dir``, or the dataset's directory when
+values. ``<cache>`` is ``objective.dpo.reference_cache_dir``, or the dataset's directory when
 writable, else ``<checkpoint.dir>/reference_cache`` (decided before the pass, so a read-only
 data directory never costs a reference pass that cannot be stored).
 
@@ -24,14 +24,22 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import List
+from typing import TYPE_CHECKING, List
 
 import numpy as np
 import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
-from engine.config import ConfigError
+from engine.ckpt_manifest import MANIFEST
+from engine.config import Config, ConfigError
+from engine.data.chat_data import ChatIndexed, mask_prefix
+from engine.data.gpt_data import token_ids
+from engine.data.preference_data import PreferenceDataset
 from engine.metrics import print_rank0
+
+if TYPE_CHECKING:  # the trainer imports the objectives; only the annotations name it
+    from engine.objectives.dpo import DPOObjective
+    from engine.trainer import Trainer
 
 _CHUNK = 8 << 20  # 8 MiB reads
 
@@ -49,8 +57,6 @@ def _hash_file(h, path: Path) -> None:
 
 def data_fingerprint(prefix: str) -> str:
     """Hash of the bytes of a preference dataset: tokens and loss masks, ``.bin`` and ``.idx``."""
-    from engine.data.chat_data import mask_prefix
-
     h = hashlib.blake2b(digest_size=16)
     for p in (prefix, mask_prefix(prefix)):
         for ext in (".idx", ".bin"):
@@ -61,8 +67,6 @@ def data_fingerprint(prefix: str) -> str:
 def weights_fingerprint(ckpt: Path) -> str:
     """Hash of a checkpoint's content: its manifest (size and CRC-32 of every file) when it has
     one, else the bytes of its files (sizes and mtimes would miss a same-size rewrite)."""
-    from engine.ckpt_manifest import MANIFEST
-
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         raise ConfigError(f"dpo reference checkpoint {ckpt} does not exist")
@@ -77,7 +81,7 @@ def weights_fingerprint(ckpt: Path) -> str:
     return "files:" + h.hexdigest()
 
 
-def reference_key(cfg, prefix: str, ref_ckpt: Path, pad_id: int) -> dict:
+def reference_key(cfg: Config, prefix: str, ref_ckpt: Path, pad_id: int) -> dict:
     """Everything the stored reference log-probs depend on (hashed into the file name)."""
     return {"data": data_fingerprint(prefix), "reference": weights_fingerprint(ref_ckpt),
             "seq_length": cfg.data.seq_length, "chat_template": cfg.data.chat_template, "pad_id": int(pad_id),
@@ -93,12 +97,12 @@ def _writable(directory: Path) -> bool:
     return os.access(directory, os.W_OK | os.X_OK)
 
 
-def cache_dirs(cfg, prefix: str) -> List[Path]:
+def cache_dirs(cfg: Config, prefix: str) -> List[Path]:
     """Directories searched for stored values, the first writable one is where new ones go:
-    ``objective.reference_cache_dir`` alone when set, else the dataset's directory then
+    ``objective.dpo.reference_cache_dir`` alone when set, else the dataset's directory then
     ``<checkpoint.dir>/reference_cache``."""
-    if cfg.objective.reference_cache_dir:
-        return [Path(cfg.objective.reference_cache_dir)]
+    if cfg.objective.dpo.reference_cache_dir:
+        return [Path(cfg.objective.dpo.reference_cache_dir)]
     return [Path(prefix).resolve().parent, Path(cfg.checkpoint.dir) / "reference_cache"]
 
 
@@ -108,7 +112,7 @@ def reference_file(cache_dir: Path, prefix: str, key: dict) -> Path:
     return Path(cache_dir) / f"{Path(prefix).name}_reflogps_{digest}.npy"
 
 
-def _locate(cfg, prefix: str, key: dict):
+def _locate(cfg: Config, prefix: str, key: dict):
     """(an existing file or None, the file new values go to or None when no directory is writable)."""
     dirs = cache_dirs(cfg, prefix)
     for d in dirs:
@@ -138,16 +142,12 @@ def _on_rank0(fn):
     return value
 
 
-def load_or_compute_reference(trainer, objective) -> np.ndarray:
+def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> np.ndarray:
     """The ``[pairs, 2]`` reference log-prob sums of the run's preference dataset."""
-    from engine.data.chat_data import ChatIndexed
-    from engine.data.gpt_data import token_ids
-    from engine.data.preference_data import PreferenceDataset
-
     cfg = trainer.cfg
-    ref = cfg.objective.reference or cfg.checkpoint.init_from
+    ref = cfg.objective.dpo.reference or cfg.checkpoint.init_from
     if not ref:
-        raise ConfigError("objective dpo needs a reference: set objective.reference or checkpoint.init_from")
+        raise ConfigError("objective dpo needs a reference: set objective.dpo.reference or checkpoint.init_from")
     ref = Path(ref)
     prefix = cfg.data.paths[0]
     pad = token_ids(cfg).eod
@@ -160,7 +160,7 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
     if path is None:
         where = " nor ".join(str(d) for d in cache_dirs(cfg, prefix))
         raise ConfigError(f"dpo: cannot store reference log-probs: {where} is not writable; "
-                          f"set objective.reference_cache_dir to a writable directory")
+                          f"set objective.dpo.reference_cache_dir to a writable directory")
     weights_are_reference = (trainer.state.iteration == 0 and cfg.checkpoint.init_from
                              and Path(cfg.checkpoint.init_from).resolve() == ref.resolve())
     if trainer.state.iteration > 0 and not weights_are_reference:
@@ -168,7 +168,7 @@ def load_or_compute_reference(trainer, objective) -> np.ndarray:
                           f"has already trained; recompute it with a fresh run initialised from {ref}")
     if not weights_are_reference:
         if not cfg.checkpoint.init_from:
-            raise ConfigError("objective.reference differs from the policy's weights: give checkpoint.init_from "
+            raise ConfigError("objective.dpo.reference differs from the policy's weights: give checkpoint.init_from "
                               "so the policy can be restored after the reference pass")
         trainer.load_weights(ref)
 
