@@ -47,7 +47,7 @@ train examples/configs/post_training.yaml objective.name=sft "data.paths=[$OUT/d
 
 echo "== 5/5 ORPO"
 train examples/configs/post_training.yaml objective.name=orpo "data.paths=[$OUT/data/preference]" \
-  objective.orpo_lambda=1.0 training.steps=100 training.eval_interval=25 \
+  objective.orpo.weight=1.0 training.steps=100 training.eval_interval=25 \
   optimizer.lr=2e-3 optimizer.min_lr=2e-4 checkpoint.dir=$OUT/orpo \
   checkpoint.init_from=$OUT/sft/checkpoints/iter_0000100
 

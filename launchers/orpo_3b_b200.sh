@@ -18,7 +18,7 @@ setting SEQ 4096 64 "sequence length of prompt + response"
 setting PAIRS 128 4 "preference pairs per optimizer step (training.global_batch_size)"
 setting MBS 1 "" "pairs per micro-batch per GPU"
 setting DTYPE bf16 fp32 "precision.dtype"
-setting ORPO_LAMBDA 0.25 "" "weight of the odds-ratio term (objective.orpo_lambda)"
+setting ORPO_LAMBDA 0.25 "" "weight of the odds-ratio term (objective.orpo.weight)"
 setting STEPS 1000 3 "optimizer steps"
 setting LR 1.2e-5 "" "peak learning rate"
 setting MIN_LR 1.2e-6 "" "final learning rate"
@@ -35,7 +35,7 @@ if [ "$RUN_MODE" = "tiny" ]; then
 fi
 
 overrides=(
-  "model.preset=$PRESET" "objective.name=orpo" "objective.orpo_lambda=$ORPO_LAMBDA"
+  "model.preset=$PRESET" "objective.name=orpo" "objective.orpo.weight=$ORPO_LAMBDA"
   "parallel.tensor=$TP"
   "data.paths=$(yaml_list "$PREF_DATA")" "data.seq_length=$SEQ"
   "training.global_batch_size=$PAIRS" "training.micro_batch_size=$MBS"

@@ -43,10 +43,10 @@ def write_synthetic_dataset(prefix: Path, num_docs: int = 400, seed: int = 0, vo
 @pytest.fixture(scope="session")
 def megatron_single_rank():
     """Initialise torch.distributed (gloo, world size 1) and megatron's groups at TP=PP=1."""
-    from engine.config import load_config
+    from engine.run_config import load_run_config
     from parallel.setup import init_distributed, init_model_parallel, shutdown
 
-    cfg = load_config(None, ["model.preset=tiny-llama"])
+    cfg = load_run_config(None, ["model.preset=tiny-llama"])
     init_distributed(cfg.parallel)
     init_model_parallel(cfg.parallel, seed=1234)
     yield

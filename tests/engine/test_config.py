@@ -3,45 +3,46 @@ from __future__ import annotations
 
 import pytest
 
-from engine.config import ConfigError, load_config, parse_overrides, validate
+from engine.config import ConfigError, load_config, parse_overrides
+from engine.run_config import load_run_config, validate_run
 
 
 def _cfg(*overrides):
-    return load_config(None, ["data.paths=[x]", *overrides])
+    return load_run_config(None, ["data.paths=[x]", *overrides])
 
 
 def test_unknown_key_names_key_and_suggests(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer:\n  lr: 1.5e-4\n  weight_decy: 0.1\n")
     with pytest.raises(ConfigError) as err:
-        load_config(path)
+        load_run_config(path)
     msg = str(err.value)
     assert "optimizer.weight_decy" in msg and "'weight_decay'" in msg and "Did you mean" in msg
 
 
 def test_unknown_section_and_override_key():
     with pytest.raises(ConfigError, match="unknown key 'trainig'.*'training'"):
-        load_config(None, ["trainig.steps=3"])
+        load_run_config(None, ["trainig.steps=3"])
     with pytest.raises(ConfigError, match="unknown key 'training.step'"):
-        load_config(None, ["training.step=3"])
+        load_run_config(None, ["training.step=3"])
 
 
 def test_yaml_scientific_notation_and_types(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("optimizer: {lr: 3e-4}\ntraining: {steps: 10}\n")
-    cfg = load_config(path)
+    cfg = load_run_config(path)
     assert cfg.optimizer.lr == pytest.approx(3e-4)
     with pytest.raises(ConfigError, match="'training.steps' must be an integer"):
-        load_config(None, ["training.steps=ten"])
+        load_run_config(None, ["training.steps=ten"])
     with pytest.raises(ConfigError, match="must be true or false"):
-        load_config(None, ["parallel.sequence_parallel=3"])
+        load_run_config(None, ["parallel.sequence_parallel=3"])
 
 
 def test_preset_then_overrides():
-    cfg = load_config(None, ["model.preset=frankenstallm-3b", "model.num_layers=2"])
+    cfg = load_run_config(None, ["model.preset=frankenstallm-3b", "model.num_layers=2"])
     assert cfg.model.hidden_size == 3072 and cfg.model.num_layers == 2
     with pytest.raises(ConfigError, match="unknown model preset 'llama-3b'.*frankenstallm-3b"):
-        load_config(None, ["model.preset=llama-3b"])
+        load_run_config(None, ["model.preset=llama-3b"])
 
 
 def test_parse_overrides_nested():
@@ -65,20 +66,66 @@ def test_parse_overrides_nested():
      r"training.global_batch_size \(10\) is not divisible by training.micro_batch_size x data-parallel size \(2 x 2 = 4\)"),
     (["model.preset=tiny-llama", "parallel.expert=2"], 2, r"the model is dense"),
     (["model.preset=tiny-llama", "data.seq_length=4096"], 1, r"data.seq_length \(4096\) exceeds model.max_seq_length \(256\)"),
-    (["model.preset=tiny-llama", "model.activation=relu"], 1, r"model.activation is 'relu'; choose one of swiglu, gelu"),
     (["model.preset=tiny-llama", "objective.name=sft", "parallel.context=2"], 2,
      r"data.packing needs parallel.context = 1 \(got 2\)"),
 ])
 def test_bad_combinations_name_the_numbers(overrides, world, message):
     cfg = _cfg(*overrides)
     with pytest.raises(ConfigError, match=message):
-        validate(cfg, world)
+        validate_run(cfg, world)
 
 
 def test_valid_layouts_pass():
-    validate(_cfg("model.preset=frankenstallm-3b", "parallel.tensor=8", "training.global_batch_size=256"), 8)
-    validate(_cfg("model.preset=keural-moe-15b", "parallel.expert=8", "training.global_batch_size=64"), 8)
-    validate(_cfg("model.preset=tiny-llama", "parallel.pipeline=2", "parallel.virtual_pipeline=2"), 2)
+    validate_run(_cfg("model.preset=frankenstallm-3b", "parallel.tensor=8", "training.global_batch_size=256"), 8)
+    validate_run(_cfg("model.preset=keural-moe-15b", "parallel.expert=8", "training.global_batch_size=64"), 8)
+    validate_run(_cfg("model.preset=tiny-llama", "parallel.pipeline=2", "parallel.virtual_pipeline=2"), 2)
+
+
+def test_choices_are_literal_types_checked_by_the_loader_and_by_validate():
+    # The loader refuses a value outside the Literal, naming key, value and choices...
+    with pytest.raises(ConfigError, match=r"model.activation is 'relu'; choose one of swiglu, gelu"):
+        _cfg("model.preset=tiny-llama", "model.activation=relu")
+    with pytest.raises(ConfigError, match=r"objective.dpo.loss is 'kto'; choose one of sigmoid, ipo, hinge"):
+        load_config(None, ["objective.dpo.loss=kto"])
+    # ... and validate catches one set in code, which the loader never saw.
+    cfg = _cfg("model.preset=tiny-llama")
+    cfg.model.activation = "relu"
+    with pytest.raises(ConfigError, match=r"model.activation is 'relu'; choose one of swiglu, gelu"):
+        validate_run(cfg, 1)
+    from engine.config_reference import reference_markdown
+
+    assert "| `model.activation` | `str` | one of `swiglu`, `gelu` | `'swiglu'` |" in reference_markdown()
+
+
+def test_old_objective_keys_say_where_they_moved(tmp_path):
+    for old, new in [("orpo_lambda=0.5", "objective.orpo.weight"), ("beta=0.2", "objective.dpo.beta"),
+                     ("dpo_loss=ipo", "objective.dpo.loss"), ("reference=/ckpt", "objective.dpo.reference"),
+                     ("nll_includes_prompt=true", "objective.orpo.nll_includes_prompt")]:
+        with pytest.raises(ConfigError, match=rf"'objective.{old.split('=')[0]}' moved to '{new}'"):
+            load_config(None, [f"objective.{old}"])
+    path = tmp_path / "c.yaml"
+    path.write_text("objective: {name: dpo, dpo: {beta: 0.3, loss: hinge}, orpo: {weight: 0.5}}\n")
+    cfg = load_config(path)
+    assert (cfg.objective.dpo.beta, cfg.objective.dpo.loss, cfg.objective.orpo.weight) == (0.3, "hinge", 0.5)
+    assert cfg.objective.dpo.label_smoothing == 0.0  # the defaults live in the config only
+
+
+def test_config_layer_resolves_presets_only_through_the_callers_hook():
+    with pytest.raises(ConfigError, match="no preset resolver"):
+        load_config(None, ["model.preset=tiny-llama"])
+    from models.presets import get_preset
+
+    assert load_config(None, ["model.preset=tiny-llama"], presets=get_preset).model == \
+        load_run_config(None, ["model.preset=tiny-llama"]).model
+
+
+def test_derived_sizes_live_on_the_config():
+    m = _cfg("model.preset=frankenstallm-3b").model
+    assert (m.head_dim, m.query_groups, m.padded_vocab_size) == (128, 8, 64256)
+    m.kv_channels, m.num_query_groups, m.vocab_size = 96, None, 64001
+    assert (m.head_dim, m.query_groups, m.padded_vocab_size) == (96, 24, 64128)
+    p = _cfg("parallel.tensor=2", "parallel.pipeline=2", "parallel.expert=2").parallel
+    assert (p.model_parallel, p.data_parallel(16), p.expert_data_parallel(16)) == (4, 4, 2)
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
@@ -94,14 +141,14 @@ def test_named_blend_fills_paths_and_weights(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  blend:\n    - {name: kowiki, path: /d/kowiki, weight: 0.3}\n"
                     "    - {name: web, path: /d/web, weight: 0.7}\n")
-    cfg = load_config(path)
+    cfg = load_run_config(path)
     assert cfg.data.paths == ["/d/kowiki", "/d/web"] and cfg.data.weights == [0.3, 0.7]
     assert [e.name for e in cfg.data.blend] == ["kowiki", "web"]
     path.write_text("data:\n  blend:\n    - {name: kowiki, pth: /d/kowiki}\n")
     with pytest.raises(ConfigError, match=r"unknown key 'data.blend\[0\].pth'.*'path'"):
-        load_config(path)
+        load_run_config(path)
     with pytest.raises(ConfigError, match="not both"):
-        load_config(None, ["data.paths=[/d/a]", "data.blend=[{path: /d/b}]"])
+        load_run_config(None, ["data.paths=[/d/a]", "data.blend=[{path: /d/b}]"])
 
 
 @pytest.mark.parametrize("override, message", [
@@ -123,15 +170,15 @@ def test_named_blend_fills_paths_and_weights(tmp_path):
 ])
 def test_out_of_range_values_name_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config(None, [override])
+        load_run_config(None, [override])
 
 
 def test_range_applies_to_yaml_and_keeps_none(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("data:\n  seq_length: 0\n")
     with pytest.raises(ConfigError, match=r"'data.seq_length' must be >= 1, got 0"):
-        load_config(path)
-    cfg = load_config(None, ["model.num_query_groups=null", "schedule.decay_steps=null", "data.weights=null"])
+        load_run_config(path)
+    cfg = load_run_config(None, ["model.num_query_groups=null", "schedule.decay_steps=null", "data.weights=null"])
     assert cfg.model.num_query_groups is None and cfg.schedule.decay_steps is None
 
 
@@ -185,13 +232,13 @@ def test_warmup_longer_than_run_or_decay_warns_but_runs(monkeypatch):
 
     monkeypatch.delenv("RANK", raising=False)
     with pytest.warns(ConfigWarning, match=r"schedule.warmup_steps \(20\) exceeds training.steps \(10\)"):
-        validate(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
+        validate_run(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
     with pytest.warns(ConfigWarning, match=r"schedule.warmup_steps \(5\) is not below schedule.decay_steps \(5\)"):
-        validate(_cfg("training.steps=10", "schedule.warmup_steps=5", "schedule.decay_steps=5"), 1)
+        validate_run(_cfg("training.steps=10", "schedule.warmup_steps=5", "schedule.decay_steps=5"), 1)
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("error", ConfigWarning)
-        validate(_cfg("training.steps=10", "schedule.warmup_steps=3"), 1)
+        validate_run(_cfg("training.steps=10", "schedule.warmup_steps=3"), 1)
         monkeypatch.setenv("RANK", "1")  # only rank 0 prints it
-        validate(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
+        validate_run(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)

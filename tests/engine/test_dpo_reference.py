@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from engine.run_config import load_run_config
 from engine.objectives import reference as refmod
 from tests.conftest import losses, post_training_config, run_engine
 
@@ -43,7 +44,7 @@ def _dpo(paths, run_dir: Path, prefix: str, ref: Path, **objective) -> float:
     cfg = post_training_config(paths, run_dir, "dpo", "pref")
     cfg["data"]["paths"] = [prefix]
     cfg["training"].update(steps=1, global_batch_size=8, micro_batch_size=4)
-    cfg["objective"].update(objective)
+    cfg["objective"]["dpo"] = objective
     cfg["checkpoint"]["init_from"] = str(ref)
     run_engine(cfg)
     return losses(run_dir)[0]
@@ -89,7 +90,7 @@ def test_reference_retrained_in_place_recomputes_into_the_configured_dir(tmp_pat
 
 
 def _cfg(tmp_path, d, *extra):
-    return load_config(None, [f"data.paths=[{d['pref']}]", f"data.tokenizer={d['tokenizer']}", "model.vocab_size=1024",
+    return load_run_config(None, [f"data.paths=[{d['pref']}]", f"data.tokenizer={d['tokenizer']}", "model.vocab_size=1024",
                               "data.seq_length=128", "objective.name=dpo", f"checkpoint.dir={tmp_path}/run", *extra])
 
 
@@ -108,7 +109,7 @@ def test_read_only_data_dir_falls_back_to_the_run_dir(tmp_path, post_training_da
 def test_unwritable_cache_dir_is_refused_before_the_reference_pass(tmp_path, post_training_data, references):
     d = post_training_data
     (tmp_path / "file").write_text("")
-    cfg = _cfg(tmp_path, d, f"objective.reference_cache_dir={tmp_path}/file/cache",
+    cfg = _cfg(tmp_path, d, f"objective.dpo.reference_cache_dir={tmp_path}/file/cache",
                f"checkpoint.init_from={references[0]}")
     trainer = types.SimpleNamespace(cfg=cfg, state=types.SimpleNamespace(iteration=0))  # no model: no pass possible
     with pytest.raises(ConfigError, match=r"cannot store reference log-probs: .*file/cache is not writable"):

@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from engine.run_config import load_run_config
 from engine.data.gpt_data import MicroBatchSampler, build_datasets
 from tests.conftest import write_synthetic_dataset
 
@@ -18,7 +19,7 @@ def two_datasets(tmp_path_factory, megatron_single_rank):
 
 
 def _cfg(tmp_path, paths, *extra):
-    return load_config(None, [f"data.paths={paths}", "data.seq_length=32", "model.preset=tiny-llama",
+    return load_run_config(None, [f"data.paths={paths}", "data.seq_length=32", "model.preset=tiny-llama",
                               f"data.cache_dir={tmp_path}/cache", *extra])
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import load_config
-from engine.metrics import PEAK_TFLOPS, attention_keys_per_query, flops_per_token, format_line, mfu
+from engine.run_config import load_run_config
+from engine.config import attention_keys_per_query
+from engine.metrics import PEAK_TFLOPS, format_line, mfu
 
 
 def _linear_weights(preset):
@@ -15,7 +16,7 @@ def _linear_weights(preset):
     from models.build import build_gpt_chunks
     from parallel.setup import init_distributed, init_model_parallel
 
-    cfg = load_config(None, [f"model.preset={preset}"])
+    cfg = load_run_config(None, [f"model.preset={preset}"])
     init_distributed(cfg.parallel)
     init_model_parallel(cfg.parallel, seed=0)
     with torch.device("meta"):
@@ -35,8 +36,8 @@ def test_flops_match_built_model(preset):
         weights -= m.max_seq_length * m.hidden_size  # a lookup table, not a matmul
     head_dim = m.hidden_size // m.num_attention_heads
     attention = m.num_layers * 2 * 2 * m.num_attention_heads * head_dim * (seq + 1) / 2
-    assert flops_per_token(m, seq) == pytest.approx(3 * (2 * weights + attention), rel=1e-12)
-    assert flops_per_token(m, seq, training=False) == pytest.approx(2 * weights + attention, rel=1e-12)
+    assert m.flops_per_token(seq) == pytest.approx(3 * (2 * weights + attention), rel=1e-12)
+    assert m.flops_per_token(seq, training=False) == pytest.approx(2 * weights + attention, rel=1e-12)
 
 
 def test_sliding_window_attention_keys():

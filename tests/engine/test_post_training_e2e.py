@@ -44,7 +44,7 @@ def test_pretrain_sft_replay_orpo(tmp_path, post_training_data):
                                eval_interval=steps, eval_steps=3)
         # lambda 1: on this CPU-sized model the odds-ratio term must outweigh the NLL for the
         # preference to carry over to held-out pairs within 40 steps (0.25 does not, measured).
-        cfg["objective"]["orpo_lambda"] = 1.0
+        cfg["objective"]["orpo"] = {"weight": 1.0}
         cfg["optimizer"].update(lr=lr, min_lr=lr / 10)
         cfg["checkpoint"]["init_from"] = str(_ckpt(tmp_path / "sft", 40))
         run_engine(cfg)

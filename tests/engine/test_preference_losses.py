@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.config import load_config
+from engine.run_config import load_run_config
 from engine.objectives.dpo import DPOObjective
 from engine.objectives.orpo import ORPOObjective
 from engine.objectives.preference_losses import dpo_terms, log1mexp, orpo_terms
@@ -103,8 +103,8 @@ def _pair_batch(rng, b=6, s=12):
 @pytest.mark.parametrize("include_prompt", [False, True])
 def test_orpo_objective_metrics_match_reference(include_prompt):
     rng = np.random.default_rng(2)
-    cfg = load_config(None, ["objective.name=orpo", "objective.orpo_lambda=0.3",
-                             f"objective.nll_includes_prompt={str(include_prompt).lower()}"])
+    cfg = load_run_config(None, ["objective.name=orpo", "objective.orpo.weight=0.3",
+                             f"objective.orpo.nll_includes_prompt={str(include_prompt).lower()}"])
     obj = ORPOObjective(cfg)
     batch, per_token = _pair_batch(rng)
     b, _, s = per_token.shape
@@ -135,7 +135,7 @@ def test_orpo_objective_metrics_match_reference(include_prompt):
 @pytest.mark.parametrize("kind", ["sigmoid", "ipo", "hinge"])
 def test_dpo_objective_metrics_match_reference(kind):
     rng = np.random.default_rng(3)
-    cfg = load_config(None, ["objective.name=dpo", "objective.beta=0.2", f"objective.dpo_loss={kind}"])
+    cfg = load_run_config(None, ["objective.name=dpo", "objective.dpo.beta=0.2", f"objective.dpo.loss={kind}"])
     obj = DPOObjective(cfg)
     batch, per_token = _pair_batch(rng)
     b, _, s = per_token.shape
@@ -176,7 +176,7 @@ def test_orpo_swap_flips_margin_and_log_odds():
 
 def test_dpo_policy_equals_reference_objective_is_ln2():
     rng = np.random.default_rng(5)
-    obj = DPOObjective(load_config(None, ["objective.name=dpo"]))
+    obj = DPOObjective(load_run_config(None, ["objective.name=dpo"]))
     batch, per_token = _pair_batch(rng)
     b, _, s = per_token.shape
     obj.reference = np.array([[-(per_token[i, j] * batch["loss_mask"][i, j]).sum().item() for j in range(2)]

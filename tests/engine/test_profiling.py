@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import load_config
+from engine.run_config import load_run_config
 from engine.profiling import NvtxIterator, OomSnapshot, ProfilerWindow, nvtx_range, profiling_callbacks
 from tests.conftest import base_config, run_engine
 
@@ -58,10 +58,10 @@ def test_window_only_on_configured_ranks_and_not_when_run_stops_before(tmp_path)
 
 
 def test_callbacks_from_config():
-    cfg = load_config(None, ["profile.start_step=3", "profile.memory_snapshot_on_oom=true"])
+    cfg = load_run_config(None, ["profile.start_step=3", "profile.memory_snapshot_on_oom=true"])
     kinds = [type(cb).__name__ for cb in profiling_callbacks(cfg)]
     assert kinds == ["ProfilerWindow", "OomSnapshot"]
-    assert profiling_callbacks(load_config(None, [])) == []
+    assert profiling_callbacks(load_run_config(None, [])) == []
 
 
 def test_oom_snapshot_is_dumped_on_out_of_memory_only(tmp_path):

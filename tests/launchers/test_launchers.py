@@ -92,7 +92,7 @@ def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, s
     if script == "sft_3b_b200.sh":
         assert cfg["data"]["replay_ratio"] == 0.3 and cfg["checkpoint"]["init_from"]
     if script == "orpo_3b_b200.sh":
-        assert cfg["objective"]["orpo_lambda"] == 0.25 and cfg["optimizer"]["lr"] == 1.2e-5
+        assert cfg["objective"]["orpo"]["weight"] == 0.25 and cfg["optimizer"]["lr"] == 1.2e-5
         assert cfg["training"]["global_batch_size"] == 128
     if script == "moe_ep_b200.sh":
         assert cfg["model"]["moe_token_dispatcher"] == "alltoall" and cfg["model"]["moe_aux_loss_coeff"] == 0.01

@@ -36,7 +36,7 @@ def build_megatron(megatron_single_rank) -> Callable[[Sequence[str]], Tuple[obje
     """Return ``build(overrides) -> (cfg, model)``: a fp32 CPU GPTModel in eval mode.
 
     Models are cached per override list: tests must not modify their parameters in place."""
-    from engine.config import load_config
+    from engine.run_config import load_run_config
     from models.build import build_gpt_chunks
     from parallel.setup import init_model_parallel
 
@@ -45,7 +45,7 @@ def build_megatron(megatron_single_rank) -> Callable[[Sequence[str]], Tuple[obje
     def build(overrides: Sequence[str]):
         key = tuple(overrides)
         if key not in cache:
-            cfg = load_config(None, list(overrides))
+            cfg = load_run_config(None, list(overrides))
             assert cfg.parallel.tensor == cfg.parallel.pipeline == 1
             init_model_parallel(cfg.parallel, seed=cfg.training.seed)
             model = build_gpt_chunks(cfg, torch.float32).chunks[0].eval()

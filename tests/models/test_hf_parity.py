@@ -272,9 +272,9 @@ def test_legacy_mixtral_expert_layout_is_accepted(build_megatron):
 
 
 def _model_cfg(*overrides):
-    from engine.config import load_config
+    from engine.run_config import load_run_config
 
-    return load_config(None, list(overrides)).model
+    return load_run_config(None, list(overrides)).model
 
 
 def test_per_layer_sliding_window_needs_explicit_permission():

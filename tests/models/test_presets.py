@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 
 from engine.commands.info import model_info
-from engine.config import load_config
+from engine.run_config import load_run_config
 
 
 def _info(preset):
-    return model_info(load_config(None, [f"model.preset={preset}"]))
+    return model_info(load_run_config(None, [f"model.preset={preset}"]))
 
 
 def test_frankenstallm_3b_is_3b_not_2_4b():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from engine.config import load_config
+from engine.run_config import load_run_config
 from parallel.plan import GIB, gpu_memory, make_plan, parameter_counts
 from tests.conftest import REPO
 
@@ -19,9 +19,10 @@ import json, resource, sys
 import psutil
 import engine.trainer
 from engine.config import from_dict
+from models.presets import get_preset
 from megatron.core.optimizer import get_megatron_optimizer  # noqa: F401 (imported before the baseline)
 from parallel.setup import init_distributed
-cfg = from_dict(json.loads(sys.argv[1]))
+cfg = from_dict(json.loads(sys.argv[1]), presets=get_preset)
 init_distributed(cfg.parallel)
 base = psutil.Process().memory_info().rss
 engine.trainer.Trainer(cfg).fit()
@@ -33,7 +34,7 @@ print("RSS", json.dumps({"base": base, "peak": resource.getrusage(resource.RUSAG
 def test_parameter_counts_equal_the_built_model(preset, megatron_single_rank):
     from engine.commands.info import model_info
 
-    cfg = load_config(None, [f"model.preset={preset}"])
+    cfg = load_run_config(None, [f"model.preset={preset}"])
     built = model_info(cfg)
     counts = parameter_counts(cfg.model)
     assert (counts.total, counts.active, counts.embedding) == (built["total"], built["active"], built["embedding"])
@@ -58,7 +59,7 @@ def test_plan_cli_layout_errors_and_suggestion():
 
 
 def test_distributed_optimizer_and_parallel_sizes_shrink_per_gpu_state():
-    cfg = load_config(None, ["model.preset=frankenstallm-3b", "data.mock=true", "data.seq_length=4096",
+    cfg = load_run_config(None, ["model.preset=frankenstallm-3b", "data.mock=true", "data.seq_length=4096",
                              "training.global_batch_size=64", "precision.dtype=bf16"])
     counts = parameter_counts(cfg.model)
     one = gpu_memory(cfg, counts, 8)
@@ -102,8 +103,9 @@ def test_plan_memory_matches_a_measured_cpu_run(tmp_path, synthetic_data):
     rss = json.loads(proc.stdout.split("RSS ", 1)[1].splitlines()[0])
     measured = rss["peak"] - rss["base"]
     from engine.config import from_dict
+    from models.presets import get_preset
 
-    planned = make_plan(from_dict(cfg), 1, 1, "cpu", on_cpu=True).gpu.total
+    planned = make_plan(from_dict(cfg, presets=get_preset), 1, 1, "cpu", on_cpu=True).gpu.total
     assert planned > 0.6 * GIB
     assert abs(measured - planned) / measured < 0.15, (measured / 2**20, planned / 2**20)
 
@@ -131,7 +133,7 @@ def test_plan_cli_rejects_out_of_range_numbers_in_one_line(args, message, capsys
 def test_make_plan_checks_its_numbers_too():
     from engine.config import ConfigError
 
-    cfg = load_config(None, ["model.preset=tiny-llama", "data.mock=true"])
+    cfg = load_run_config(None, ["model.preset=tiny-llama", "data.mock=true"])
     with pytest.raises(ConfigError, match=r"plan: gpus_per_node must be >= 1, got 0"):
         make_plan(cfg, 1, 0, "b200")
     with pytest.raises(ConfigError, match=r"plan: mfu must be in \(0, 1\], got 0"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, from_dict
+from models.presets import get_preset
 from engine.data.preprocess import preprocess
 from engine.data.verify import verify_dataset, verify_training_data
 from tests.conftest import base_config, run_engine, write_synthetic_dataset
@@ -48,7 +49,7 @@ def config(tmp_path: Path, paths, tokenizer=None, vocab: int = 256, **data):
     values["model"]["vocab_size"] = vocab
     if tokenizer is not None:
         values["data"]["tokenizer"] = str(tokenizer)
-    return from_dict(values)
+    return from_dict(values, presets=get_preset)
 
 
 def verify(cfg, kind="pretrain", sha="", logs=None):
