@@ -37,8 +37,13 @@ from engine.data import gpt_data
 from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
+from engine.optim import build_optimizer, build_scheduler
+from engine.precision import resolve_fp8
 from engine.profiling import NvtxIterator, nvtx_range
 from engine.run_config import validate_run
+from engine.run_lock import acquire_for_run
+from models.build import build_gpt_chunks, resolve_dtype
+from parallel.setup import describe_layout, init_distributed, init_model_parallel, world_size_from_env
 
 log = logging.getLogger(__name__)
 
@@ -79,15 +84,11 @@ class Trainer:
     the built-in ones at every hook."""
 
     def __init__(self, cfg: Config, callbacks: Sequence[Callback] = ()):
-        from parallel.setup import init_distributed, init_model_parallel, world_size_from_env
-
         self.cfg = cfg
         # Sizes are checked against the launcher's world size before any group exists.
         validate_run(cfg, world_size_from_env())
         self.env = init_distributed(cfg.parallel)
         # Before anything is written to the run directory: one job per directory.
-        from engine.run_lock import acquire_for_run
-
         self.run_lock = acquire_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock)
         init_model_parallel(cfg.parallel, cfg.training.seed)
         self._build()
@@ -97,11 +98,6 @@ class Trainer:
     def _build(self) -> None:
         from megatron.core import parallel_state as ps
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-
-        from engine.optim import build_optimizer, build_scheduler
-        from engine.precision import resolve_fp8
-        from models.build import build_gpt_chunks, resolve_dtype
-        from parallel.setup import describe_layout
 
         cfg = self.cfg
         self.dtype = resolve_dtype(cfg.precision.dtype)

@@ -7,10 +7,20 @@ realised token shares the loop logs.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List
 
+from engine.config import Config, ConfigError
 from engine.data import gpt_data
+from engine.data.chat_data import ChatIndexed, split_range
+from engine.data.chat_template import get_chat_template
+from engine.data.preference_data import PreferenceDataset
+from engine.data.replay import ReplayMixture, interleave, replay_names
+from engine.data.sft_data import SFTDataset
+from engine.data.verify import verify_training_data
+from engine.metrics import print_rank0
 
 
 @dataclass
@@ -22,7 +32,7 @@ class TrainingData:
     source_names: List[str]
 
 
-def build_pretrain_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
+def build_pretrain_data(cfg: Config, train_samples: int, valid_samples: int) -> TrainingData:
     """megatron-core GPTDataset / BlendedDataset over ``data.paths``."""
     train, valid, _ = gpt_data.build_datasets(cfg, train_samples, valid_samples)
     names = gpt_data.dataset_names(train)
@@ -34,22 +44,15 @@ def build_pretrain_data(cfg, train_samples: int, valid_samples: int) -> Training
 DATA_BUILDERS: Dict[str, Callable[..., TrainingData]] = {"pretrain": build_pretrain_data}
 
 
-def build_training_data(kind: str, cfg, train_samples: int, valid_samples: int) -> TrainingData:
+def build_training_data(kind: str, cfg: Config, train_samples: int, valid_samples: int) -> TrainingData:
     """Datasets for an objective whose ``data_kind`` is ``kind``, after every file was checked
     against its index, its sidecar, the tokenizer and the model (:mod:`engine.data.verify`)."""
-    from engine.data.verify import verify_training_data
-    from engine.metrics import print_rank0
-
     verify_training_data(kind, cfg, gpt_data.token_ids(cfg).sha256, log=print_rank0)
     return DATA_BUILDERS[kind](cfg, train_samples, valid_samples)
 
 
-def _chat_data(cfg, kind: str):
+def _chat_data(cfg: Config, kind: str):
     """The ``ChatIndexed`` of the single data path, checked against the config's template."""
-    from engine.config import ConfigError
-    from engine.data.chat_data import ChatIndexed
-    from engine.data.chat_template import get_chat_template
-
     if len(cfg.data.paths) != 1:
         raise ConfigError(f"objective {cfg.objective.name!r} reads exactly one {kind} dataset in data.paths "
                           f"(got {len(cfg.data.paths)}); merge them with `python -m engine data merge`")
@@ -67,8 +70,6 @@ def _chat_data(cfg, kind: str):
 def _checked(cls, *args, **kwargs):
     """``cls(*args, **kwargs)``, its ValueError (an empty split, a conversation longer than
     data.seq_length) turned into a one-line ConfigError instead of a traceback."""
-    from engine.config import ConfigError
-
     try:
         return cls(*args, **kwargs)
     except ConfigError:
@@ -77,17 +78,9 @@ def _checked(cls, *args, **kwargs):
         raise ConfigError(str(exc)) from None
 
 
-def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
+def build_sft_data(cfg: Config, train_samples: int, valid_samples: int) -> TrainingData:
     """SFT conversations (packed or not), mixed with pretraining replay when
     ``data.replay_ratio`` > 0; validation is SFT data only."""
-    import dataclasses
-    from pathlib import Path
-
-    from engine.data.chat_data import split_range
-    from engine.data.replay import ReplayMixture, interleave, replay_names
-    from engine.data.sft_data import SFTDataset
-    from engine.metrics import print_rank0
-
     d = cfg.data
     data = _chat_data(cfg, "sft")
     pad = gpt_data.token_ids(cfg).eod
@@ -111,13 +104,8 @@ def build_sft_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
     return TrainingData(mixture, valid, [name] + replay_names(gpt_data.dataset_names(replay)))
 
 
-def build_preference_data(cfg, train_samples: int, valid_samples: int) -> TrainingData:
+def build_preference_data(cfg: Config, train_samples: int, valid_samples: int) -> TrainingData:
     """Chosen/rejected pairs of the single preference dataset in ``data.paths``."""
-    from pathlib import Path
-
-    from engine.data.chat_data import split_range
-    from engine.data.preference_data import PreferenceDataset
-
     d = cfg.data
     data = _chat_data(cfg, "preference")
     pad = gpt_data.token_ids(cfg).eod

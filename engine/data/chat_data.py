@@ -24,6 +24,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
+from engine.data.gpt_data import _split_fractions
 from engine.data.indexed_writer import IndexedWriter, read_sidecar
 
 MASK_SUFFIX = "_lossmask"
@@ -113,8 +114,6 @@ class ChatIndexed:
 def split_range(num_docs: int, split: str, which: int) -> Tuple[int, int]:
     """Documents ``[lo, hi)`` of split ``which`` (0 train, 1 valid, 2 test), cut as
     megatron-core cuts its datasets (the rounding of ``gpt_data.check_split_sizes``)."""
-    from engine.data.gpt_data import _split_fractions
-
     bounds = [0.0]
     for f in _split_fractions(split):
         bounds.append(bounds[-1] + f)

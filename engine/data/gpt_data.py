@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from engine.config import Config, ConfigError
+from engine.data.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +43,6 @@ def token_ids(cfg: Config) -> TokenIds:
     """Special ids from ``data.tokenizer`` (checked against ``model.vocab_size``)."""
     if cfg.data.tokenizer is None:
         return TokenIds(eod=cfg.data.eod_id, pad=cfg.data.eod_id, vocab_size=cfg.model.vocab_size)
-    from engine.data.tokenizer import load_tokenizer
-
     tok = load_tokenizer(cfg.data.tokenizer)
     if tok.vocab_size != cfg.model.vocab_size:
         raise ConfigError(

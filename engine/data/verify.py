@@ -22,7 +22,8 @@ from typing import Callable, List, Optional
 
 import numpy as np
 
-from engine.config import ConfigError
+from engine.config import Config, ConfigError
+from engine.data.chat_data import CHAT_KINDS, mask_prefix
 from engine.data.indexed_writer import output_paths
 
 # Elements per chunk of the max-token scan: 64 Mi tokens keeps memory flat on any .bin.
@@ -178,7 +179,7 @@ def verify_dataset(prefix: str, kind: str, vocab_size: int, tokenizer_sha256: st
     return facts
 
 
-def dataset_kinds(kind: str, cfg) -> List[tuple]:
+def dataset_kinds(kind: str, cfg: Config) -> List[tuple]:
     """``(prefix, kind)`` of every dataset an objective reading ``kind`` data opens."""
     out = [(p, kind) for p in cfg.data.paths]
     if kind == "sft" and cfg.data.replay_ratio > 0:
@@ -186,12 +187,10 @@ def dataset_kinds(kind: str, cfg) -> List[tuple]:
     return out
 
 
-def verify_training_data(kind: str, cfg, tokenizer_sha256: str = "",
+def verify_training_data(kind: str, cfg: Config, tokenizer_sha256: str = "",
                          log: Callable[[str], None] = print) -> None:
     """Verify every dataset of the run (see :func:`verify_dataset`); chat data's loss-mask
     companion is checked to match its token dataset sequence for sequence."""
-    from engine.data.chat_data import CHAT_KINDS, mask_prefix
-
     if cfg.data.mock:
         return
     cache_dir = cfg.data.cache_dir or str(Path(cfg.checkpoint.dir) / "data_cache")

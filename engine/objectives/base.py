@@ -1,9 +1,14 @@
 """The objective interface the training loop calls."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
 
 import torch
+
+from engine.config import Config
+
+if TYPE_CHECKING:  # the trainer imports the objectives; only the annotation names it
+    from engine.trainer import Trainer
 
 
 class Objective:
@@ -28,10 +33,10 @@ class Objective:
     log_keys: Tuple[str, ...] = ()
     """Finalized metrics appended to the printed log line (all of them go to metrics.jsonl)."""
 
-    def __init__(self, cfg=None):
+    def __init__(self, cfg: Optional[Config] = None):
         self.cfg = cfg
 
-    def prepare(self, trainer) -> None:
+    def prepare(self, trainer: "Trainer") -> None:
         """Called once after the model, checkpoint and data are built, before the first step
         (e.g. DPO's reference log-probabilities). No-op by default."""
 
