@@ -48,7 +48,7 @@ rows, and the import pads back with zero rows.
 from __future__ import annotations
 
 import re
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
