@@ -63,9 +63,12 @@ def test_constraints_satisfy_pyproject_bounds():
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the constraints record the Python 3.11 (CI) set")
 def test_environment_is_the_constrained_set():
     pins = _constraints()
-    differ = []
-    for dist in metadata.distributions():
+    differ, seen = [], set()
+    for dist in metadata.distributions():  # in sys.path order: the first one is what imports
         key = re.sub(r"[-_.]+", "-", dist.metadata["Name"]).lower()
+        if key in seen:
+            continue
+        seen.add(key)
         if key in pins and dist.version != pins[key]:
             differ.append(f"{key} {dist.version} (constraints: {pins[key]})")
     assert not differ, "installed versions differ from constraints/py311.txt: " + ", ".join(differ)
