@@ -1,4 +1,5 @@
 """`python -m engine ...` entry point (import-safe: dist_checkpointing spawns workers)."""
+
 import sys
 
 from engine.cli import main

@@ -22,6 +22,7 @@ Safety rules (each enforced here, not by callers' discipline):
   a protected one (the checkpoint the run started from);
 - a checkpoint is verified against its manifest before it is loaded.
 """
+
 from __future__ import annotations
 
 import json
@@ -116,7 +117,8 @@ def read_lineage(ckpt: Path) -> List[Dict[str, Any]]:
     with the checkpoint path (``init_from``), its ``iteration`` and its ``objective``."""
     meta = read_meta(ckpt)
     return list(meta.get("lineage", [])) + [
-        {"init_from": str(ckpt), "iteration": meta.get("iteration"), "objective": checkpoint_objective(ckpt)}]
+        {"init_from": str(ckpt), "iteration": meta.get("iteration"), "objective": checkpoint_objective(ckpt)}
+    ]
 
 
 def _model_key(i: int, n: int) -> str:
@@ -136,8 +138,10 @@ def _layout() -> Dict[str, int]:
     """Model-parallel shape of this job (RNG state is per (PP, TP) rank)."""
     from megatron.core import parallel_state as ps
 
-    return {"tensor": ps.get_tensor_model_parallel_world_size(),
-            "pipeline": ps.get_pipeline_model_parallel_world_size()}
+    return {
+        "tensor": ps.get_tensor_model_parallel_world_size(),
+        "pipeline": ps.get_pipeline_model_parallel_world_size(),
+    }
 
 
 def _rng_sharded_object(is_loading: bool):
@@ -290,7 +294,8 @@ def select_resume_checkpoint(run_dir: str, fallback_on_corrupt: bool) -> Optiona
             if not fallback_on_corrupt:
                 raise CorruptCheckpointError(
                     f"{exc}. Set checkpoint.fallback_on_corrupt=true to resume from the previous "
-                    "complete checkpoint instead") from None
+                    "complete checkpoint instead"
+                ) from None
             aside = ckpt.with_name(ckpt.name + ".corrupt")
             if dist.get_rank() == 0:
                 log.warning("%s; falling back to the previous complete checkpoint, moving it to %s", exc, aside)
@@ -301,8 +306,17 @@ def select_resume_checkpoint(run_dir: str, fallback_on_corrupt: bool) -> Optiona
     return None
 
 
-def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, scheduler, config_yaml: str,
-                    save_optimizer: bool = True, keep: int = 0, protect=()) -> Path:
+def save_checkpoint(
+    run_dir: str,
+    state: TrainState,
+    chunks,
+    optimizer,
+    scheduler,
+    config_yaml: str,
+    save_optimizer: bool = True,
+    keep: int = 0,
+    protect=(),
+) -> Path:
     """Write a complete checkpoint of ``state.iteration`` atomically; returns its path.
 
     Refuses (NonFiniteStateError) when a model or optimizer tensor is non-finite on any rank,
@@ -320,7 +334,8 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
     if bad:
         raise NonFiniteStateError(
             f"refusing to write checkpoint {final}: {bad} model/optimizer tensor(s) hold NaN or Inf"
-            + (f" (e.g. {', '.join(names)})" if names else ""))
+            + (f" (e.g. {', '.join(names)})" if names else "")
+        )
     if (final / META).is_file():
         raise CheckpointError(f"refusing to overwrite the complete checkpoint {final}")
     if rank == 0:
@@ -362,8 +377,9 @@ def save_checkpoint(run_dir: str, state: TrainState, chunks, optimizer, schedule
     return final
 
 
-def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True,
-                    verify: bool = True) -> TrainState:
+def load_checkpoint(
+    ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True, verify: bool = True
+) -> TrainState:
     """Restore model (and optionally optimizer, scheduler, RNG, progress) from ``ckpt``,
     after verifying its files against its manifest (CorruptCheckpointError names the file).
 
@@ -388,8 +404,12 @@ def load_checkpoint(ckpt: Path, chunks, optimizer=None, scheduler=None, load_opt
         if same_layout:
             sd["rng_state"] = _rng_sharded_object(is_loading=True)
         elif dist.get_rank() == 0:
-            log.warning("checkpoint layout %s differs from this job's %s: RNG state not restored "
-                        "(weights, optimizer state and data position are)", meta.get("layout"), _layout())
+            log.warning(
+                "checkpoint layout %s differs from this job's %s: RNG state not restored "
+                "(weights, optimizer state and data position are)",
+                meta.get("layout"),
+                _layout(),
+            )
     loaded = dist_checkpointing.load(sd, str(ckpt))
     for i, c in enumerate(chunks):
         _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))])

@@ -10,6 +10,7 @@ each reported in one line naming the file.
 Checksums are spread over the ranks (file ``i`` is read by rank ``i % world``) and gathered,
 so every rank reaches the same verdict and a large checkpoint is read once, in parallel.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,9 @@ def crc32_file(path: Path) -> int:
 
 
 def _files(ckpt: Path) -> List[str]:
-    return sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()
-                  and str(p.relative_to(ckpt)) not in _EXCLUDED)
+    return sorted(
+        str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file() and str(p.relative_to(ckpt)) not in _EXCLUDED
+    )
 
 
 def _shared(local: Dict[str, object]) -> Dict[str, object]:
@@ -63,7 +65,7 @@ def _shared(local: Dict[str, object]) -> Dict[str, object]:
 def _my_share(names: List[str]) -> List[str]:
     if not (dist.is_available() and dist.is_initialized()):
         return names
-    return names[dist.get_rank()::dist.get_world_size()]
+    return names[dist.get_rank() :: dist.get_world_size()]
 
 
 def write_manifest(ckpt: Path) -> None:

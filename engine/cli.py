@@ -4,6 +4,7 @@ Each command lives in its own module exposing ``register(subparsers)``; the modu
 its sub-parser and sets ``func`` (a callable taking the parsed args and returning an exit
 code). This keeps the CLI a thin index of what the engine can do.
 """
+
 from __future__ import annotations
 
 import argparse

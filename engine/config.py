@@ -11,6 +11,7 @@ parallel/, so every layer may import it. What needs the rest of the project is p
 the caller: preset resolution (``load_config(..., presets=...)``) and the subsystems' own
 checks (``validate(cfg, world, checks=...)``); ``engine.run_config`` assembles both.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,11 +51,16 @@ class Range:
         """Whether ``value`` lies inside every bound (NaN and infinities never do)."""
         if not math.isfinite(value):
             return False
-        return ((self.ge is None or value >= self.ge) and (self.gt is None or value > self.gt)
-                and (self.le is None or value <= self.le) and (self.lt is None or value < self.lt))
+        return (
+            (self.ge is None or value >= self.ge)
+            and (self.gt is None or value > self.gt)
+            and (self.le is None or value <= self.le)
+            and (self.lt is None or value < self.lt)
+        )
 
     def __str__(self) -> str:
         """``>= 1``, ``> 0``, ``in [0, 1)``: how messages and the reference show the range."""
+
         def num(x: float) -> str:
             return str(int(x)) if float(x).is_integer() else repr(x)
 
@@ -598,8 +604,7 @@ def _unknown_key(key: str, valid: Sequence[str], where: str) -> ConfigError:
     close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return ConfigError(
-        f"unknown key '{where}{key}'.{hint} Valid keys in '{where.rstrip('.') or 'config'}': "
-        f"{', '.join(sorted(valid))}"
+        f"unknown key '{where}{key}'.{hint} Valid keys in '{where.rstrip('.') or 'config'}': {', '.join(sorted(valid))}"
     )
 
 
@@ -718,8 +723,10 @@ def from_dict(values: Dict[str, Any], presets: Optional[PresetResolver] = None) 
     preset = model_values.get("preset")
     if preset is not None:
         if presets is None:
-            raise ConfigError(f"model.preset is {preset!r} but no preset resolver was given; load the "
-                              f"config with engine.run_config.load_run_config")
+            raise ConfigError(
+                f"model.preset is {preset!r} but no preset resolver was given; load the "
+                f"config with engine.run_config.load_run_config"
+            )
         cfg.model = presets(str(preset))
     rest = {k: v for k, v in values.items()}
     rest["model"] = model_values
@@ -732,8 +739,9 @@ def from_dict(values: Dict[str, Any], presets: Optional[PresetResolver] = None) 
     return cfg
 
 
-def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                presets: Optional[PresetResolver] = None) -> Config:
+def load_config(
+    path: Optional[str | Path] = None, overrides: Sequence[str] = (), presets: Optional[PresetResolver] = None
+) -> Config:
     """Read a YAML file (optional) and apply dotted ``key=value`` overrides; ``presets``
     resolves ``model.preset`` (see ``from_dict``)."""
     values: Dict[str, Any] = {}
@@ -792,15 +800,13 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
     groups = m.query_groups
     if m.num_attention_heads % p.tensor:
         errors.append(
-            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
-            f"parallel.tensor ({p.tensor})"
+            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by parallel.tensor ({p.tensor})"
         )
     if groups % p.tensor:
         errors.append(f"model.num_query_groups ({groups}) is not divisible by parallel.tensor ({p.tensor})")
     if m.num_attention_heads % groups:
         errors.append(
-            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by "
-            f"model.num_query_groups ({groups})"
+            f"model.num_attention_heads ({m.num_attention_heads}) is not divisible by model.num_query_groups ({groups})"
         )
     if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         errors.append(
@@ -857,37 +863,39 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
             f"raise model.make_vocab_size_divisible_by ({m.make_vocab_size_divisible_by})"
         )
     if cfg.data.seq_length > m.max_seq_length:
-        errors.append(
-            f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})"
-        )
+        errors.append(f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})")
     if m.sliding_window < 0:
         errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
     if p.sequence_parallel and p.tensor == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
-        errors.append(
-            f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}"
-        )
+        errors.append(f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}")
     if not cfg.data.mock and not cfg.data.paths:
         errors.append("data.paths is empty (give dataset prefixes, or data.mock=true for benchmarks)")
     if t.steps < 0:
         errors.append(f"training.steps must be >= 0, got {t.steps}")
     if cfg.objective.name == "sft" and cfg.data.packing and p.context > 1:
-        errors.append(f"data.packing needs parallel.context = 1 (got {p.context}): context-parallel THD "
-                      f"attention needs segments padded to 2 x parallel.context; set data.packing=false")
+        errors.append(
+            f"data.packing needs parallel.context = 1 (got {p.context}): context-parallel THD "
+            f"attention needs segments padded to 2 x parallel.context; set data.packing=false"
+        )
     if not 0.0 <= cfg.data.replay_ratio < 1.0:
         errors.append(f"data.replay_ratio must be in [0, 1), got {cfg.data.replay_ratio}")
     if cfg.data.replay_ratio > 0 and not cfg.data.replay_paths:
         errors.append(f"data.replay_ratio is {cfg.data.replay_ratio} but data.replay_paths is empty")
     if cfg.data.replay_weights is not None and len(cfg.data.replay_weights) != len(cfg.data.replay_paths):
-        errors.append(f"data.replay_weights has {len(cfg.data.replay_weights)} entries but data.replay_paths "
-                      f"has {len(cfg.data.replay_paths)}")
+        errors.append(
+            f"data.replay_weights has {len(cfg.data.replay_weights)} entries but data.replay_paths "
+            f"has {len(cfg.data.replay_paths)}"
+        )
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
     pf = cfg.profile
     if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
-        errors.append(f"profile.start_step ({pf.start_step}) and profile.end_step ({pf.end_step}) must "
-                      f"satisfy 0 <= start_step <= end_step")
+        errors.append(
+            f"profile.start_step ({pf.start_step}) and profile.end_step ({pf.end_step}) must "
+            f"satisfy 0 <= start_step <= end_step"
+        )
     if pf.torch_profiler and not pf.start_step:
         errors.append("profile.torch_profiler needs a window: set profile.start_step (and profile.end_step)")
     for name in cfg.preemption.signals:
@@ -907,9 +915,13 @@ def config_warnings(cfg: Config) -> List[str]:
     found: List[str] = []
     s, steps = cfg.schedule, cfg.training.steps
     if steps and s.warmup_steps > steps:
-        found.append(f"schedule.warmup_steps ({s.warmup_steps}) exceeds training.steps ({steps}): the "
-                     f"learning rate never reaches optimizer.lr ({cfg.optimizer.lr})")
+        found.append(
+            f"schedule.warmup_steps ({s.warmup_steps}) exceeds training.steps ({steps}): the "
+            f"learning rate never reaches optimizer.lr ({cfg.optimizer.lr})"
+        )
     if s.decay_steps is not None and s.warmup_steps >= s.decay_steps:
-        found.append(f"schedule.warmup_steps ({s.warmup_steps}) is not below schedule.decay_steps "
-                     f"({s.decay_steps}): the decay is stretched to end at step {s.warmup_steps + 1}")
+        found.append(
+            f"schedule.warmup_steps ({s.warmup_steps}) is not below schedule.decay_steps "
+            f"({s.decay_steps}): the decay is stretched to end at step {s.warmup_steps + 1}"
+        )
     return found

@@ -1,6 +1,7 @@
 """The config reference, generated from the dataclasses' field docstrings (never hand-written,
 so it cannot drift from the code). ``python -m engine config --reference`` prints it; the
 README embeds it and a test checks the two agree."""
+
 from __future__ import annotations
 
 import ast
@@ -61,9 +62,11 @@ def _section(lines: List[str], key: str, section) -> None:
         if dataclasses.is_dataclass(default):
             nested.append((f"{key}.{sub.name}", default))
             continue
-        lines.append(f"| `{key}.{sub.name}` | `{_type_name(hints[sub.name])}` | "
-                     f"{_allowed(hints[sub.name], ranged[sub.name])} | `{default!r}` | "
-                     f"{docs.get(sub.name, '').replace('|', '/')} |")
+        lines.append(
+            f"| `{key}.{sub.name}` | `{_type_name(hints[sub.name])}` | "
+            f"{_allowed(hints[sub.name], ranged[sub.name])} | `{default!r}` | "
+            f"{docs.get(sub.name, '').replace('|', '/')} |"
+        )
     lines.append("")
     for sub_key, sub_section in nested:
         _section(lines, sub_key, sub_section)

@@ -5,6 +5,7 @@ token come from the architecture (``ModelConfig.flops_per_token``), the peak fro
 of dense (non-sparse) tensor-core throughput per GPU model and precision
 (``parallel.hardware.PEAK_TFLOPS``, shared with the planner). On CPU, MFU is "n/a".
 """
+
 from __future__ import annotations
 
 import json
@@ -82,15 +83,24 @@ class MetricsWriter:
     existing ``metrics.jsonl`` were written by a run that crashed after its last checkpoint;
     they are dropped before anything is appended, so every step appears once per split."""
 
-    def __init__(self, log_dir: str, tensorboard: bool = True, wandb_project: Optional[str] = None, run_config=None,
-                 truncate_after: Optional[int] = None):
+    def __init__(
+        self,
+        log_dir: str,
+        tensorboard: bool = True,
+        wandb_project: Optional[str] = None,
+        run_config=None,
+        truncate_after: Optional[int] = None,
+    ):
         self.dir = Path(log_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         if truncate_after is not None:
             dropped = truncate_jsonl(self.dir / "metrics.jsonl", truncate_after)
             if dropped:
-                log.warning("metrics.jsonl: dropped %d record(s) after step %d (not in the checkpoint resumed from)",
-                            dropped, truncate_after)
+                log.warning(
+                    "metrics.jsonl: dropped %d record(s) after step %d (not in the checkpoint resumed from)",
+                    dropped,
+                    truncate_after,
+                )
         self.jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1)
         self.tb = None
         if tensorboard:
@@ -129,6 +139,7 @@ class MetricsWriter:
 
 def format_line(step: int, total: int, m: Dict[str, Optional[float]]) -> str:
     """The human-readable log line of one step."""
+
     def f(key, fmt, unit=""):
         v = m.get(key)
         return "n/a" if v is None else format(v, fmt) + unit

@@ -4,6 +4,7 @@ AdamW with fp32 master weights and fp32 optimizer state whatever the training dt
 (megatron-core's mixed-precision optimizer), sharded over data-parallel ranks with the
 distributed optimizer. Weight decay skips norms, biases and embeddings.
 """
+
 from __future__ import annotations
 
 from typing import List
@@ -15,14 +16,17 @@ from engine.config import Config
 
 def no_weight_decay_overrides(opt_config):
     """megatron-core's standard skips (1-D params, biases) plus every embedding/output weight."""
-    from megatron.core.optimizer import get_standard_config_overrides
-    from megatron.core.optimizer import ParamGroupOverride, ParamKey, ParamWithNamePredicate
+    from megatron.core.optimizer import (
+        ParamGroupOverride,
+        ParamKey,
+        ParamWithNamePredicate,
+        get_standard_config_overrides,
+    )
 
     overrides = get_standard_config_overrides(opt_config)
     embedding = ParamWithNamePredicate(
         name="embeddings",
-        fn=lambda param, name: getattr(param, "is_embedding_or_output_parameter", False)
-        or "embedding" in name,
+        fn=lambda param, name: getattr(param, "is_embedding_or_output_parameter", False) or "embedding" in name,
     )
     overrides[ParamKey(with_name_predicate=embedding)] = ParamGroupOverride(wd_mult=0.0)
     return overrides

@@ -31,6 +31,7 @@ Two kinds of checks, so that a bad request never reaches a training step:
   the GPU must support the recipe. The GPU's compute capability and the TE version are
   arguments, so the selection logic is tested on machines without either.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,11 @@ class Fp8Settings:
 
     def describe(self) -> str:
         """One line for the log."""
-        keep = (f", first {self.num_layers_at_start_in_bf16} / last {self.num_layers_at_end_in_bf16} "
-                f"layers in bf16" if self.first_last_layers_bf16 else "")
+        keep = (
+            f", first {self.num_layers_at_start_in_bf16} / last {self.num_layers_at_end_in_bf16} layers in bf16"
+            if self.first_last_layers_bf16
+            else ""
+        )
         return f"FP8 {self.recipe} ({self.format}{', fp8 params' if self.param else ''}{keep})"
 
 
@@ -102,7 +106,9 @@ def gemm_widths(cfg: Config) -> List[Tuple[str, int]]:
         ffn = m.expert_ffn_hidden_size
         widths.append(("expert FFN per tensor-parallel rank (model.moe_ffn_hidden_size / parallel.tensor)", ffn // tp))
     else:
-        widths.append(("FFN per tensor-parallel rank (model.ffn_hidden_size / parallel.tensor)", m.ffn_hidden_size // tp))
+        widths.append(
+            ("FFN per tensor-parallel rank (model.ffn_hidden_size / parallel.tensor)", m.ffn_hidden_size // tp)
+        )
     return widths
 
 
@@ -117,14 +123,17 @@ def check_fp8_config(cfg: Config, recipe: Optional[str] = None) -> List[str]:
     errors: List[str] = []
     if pr.dtype != "fp8":
         if pr.fp8_param or pr.first_last_layers_bf16:
-            errors.append(f"precision.fp8_param / precision.first_last_layers_bf16 need precision.dtype=fp8 "
-                          f"(it is {pr.dtype!r})")
+            errors.append(
+                f"precision.fp8_param / precision.first_last_layers_bf16 need precision.dtype=fp8 (it is {pr.dtype!r})"
+            )
         return errors
     recipe = recipe or pr.fp8_recipe
     if pr.first_last_layers_bf16:
         if recipe == "delayed":
-            errors.append("precision.first_last_layers_bf16 does not work with the delayed recipe "
-                          "(megatron-core refuses it); use tensorwise, blockwise or mxfp8")
+            errors.append(
+                "precision.first_last_layers_bf16 does not work with the delayed recipe "
+                "(megatron-core refuses it); use tensorwise, blockwise or mxfp8"
+            )
         per_stage = cfg.model.num_layers // max(cfg.parallel.pipeline, 1)
         for key in ("num_layers_at_start_in_bf16", "num_layers_at_end_in_bf16"):
             n = getattr(pr, key)
@@ -139,7 +148,8 @@ def check_fp8_config(cfg: Config, recipe: Optional[str] = None) -> List[str]:
     if tokens % token_multiple:
         errors.append(
             f"{name} GEMMs need the tokens per micro-batch (data.seq_length x training.micro_batch_size / "
-            f"parallel.context = {tokens}) divisible by {token_multiple}")
+            f"parallel.context = {tokens}) divisible by {token_multiple}"
+        )
     return errors
 
 
@@ -151,7 +161,8 @@ def select_recipe(requested: str, capability: Optional[Tuple[int, int]], te_vers
     if te_version is None:
         raise PrecisionError(
             "precision.dtype=fp8 needs TransformerEngine, which is not installed (or does not import); "
-            "use precision.dtype=bf16, or run in a container with transformer_engine")
+            "use precision.dtype=bf16, or run in a container with transformer_engine"
+        )
     if capability is None:
         raise PrecisionError("precision.dtype=fp8 needs a CUDA GPU; none is visible")
     major, minor = capability
@@ -167,12 +178,14 @@ def select_recipe(requested: str, capability: Optional[Tuple[int, int]], te_vers
     if requested == "mxfp8" and major != 10:
         raise PrecisionError(
             f"precision.fp8_recipe=mxfp8 needs a Blackwell data-center GPU (compute capability 10.x); "
-            f"this GPU is {cc}. Use tensorwise, delayed or blockwise (or auto)")
+            f"this GPU is {cc}. Use tensorwise, delayed or blockwise (or auto)"
+        )
     needs = {"mxfp8": (2, 1), "tensorwise": (2, 2), "blockwise": (2, 3), "delayed": (1, 0)}[requested]
     if te < needs:
         raise PrecisionError(
             f"precision.fp8_recipe={requested} needs TransformerEngine >= {'.'.join(map(str, needs))}; "
-            f"installed is {te_version}")
+            f"installed is {te_version}"
+        )
     return requested
 
 
@@ -187,8 +200,9 @@ def _detect() -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     return capability, te_version
 
 
-def resolve_fp8(cfg: Config, capability: Optional[Tuple[int, int]] = None, te_version: Optional[str] = None,
-                detect: bool = True) -> Optional[Fp8Settings]:
+def resolve_fp8(
+    cfg: Config, capability: Optional[Tuple[int, int]] = None, te_version: Optional[str] = None, detect: bool = True
+) -> Optional[Fp8Settings]:
     """FP8 settings for the run, or None when ``precision.dtype`` is not ``fp8``.
 
     With ``detect`` the GPU capability and TE version of this machine are used where not
@@ -210,7 +224,9 @@ def resolve_fp8(cfg: Config, capability: Optional[Tuple[int, int]] = None, te_ve
         # recipes use E5M2 for gradients, whose range E4M3 cannot hold with a single scale.
         fmt = "e4m3" if recipe in ("mxfp8", "blockwise") else "hybrid"
     return Fp8Settings(
-        recipe=recipe, format=fmt, param=pr.fp8_param,
+        recipe=recipe,
+        format=fmt,
+        param=pr.fp8_param,
         first_last_layers_bf16=pr.first_last_layers_bf16,
         num_layers_at_start_in_bf16=pr.num_layers_at_start_in_bf16,
         num_layers_at_end_in_bf16=pr.num_layers_at_end_in_bf16,

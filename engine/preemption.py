@@ -8,6 +8,7 @@ loop then writes a checkpoint and raises ``StopTraining`` with ``preemption.exit
 (75 by default), which ``python -m engine train`` returns and the SLURM scripts turn into
 ``scontrol requeue``. The requeued job resumes from the newest complete checkpoint.
 """
+
 from __future__ import annotations
 
 import signal
@@ -22,8 +23,7 @@ from engine.callbacks.base import Callback
 class PreemptionHandler(Callback):
     """Installs the signal handlers and turns a received signal into an agreed stop."""
 
-    def __init__(self, signals: List[str], exit_code: int,
-                 all_reduce_max: Optional[Callable[[int], int]] = None):
+    def __init__(self, signals: List[str], exit_code: int, all_reduce_max: Optional[Callable[[int], int]] = None):
         self.signals = [getattr(signal, name) for name in signals]
         self.exit_code = exit_code
         self.received: Optional[int] = None
@@ -34,8 +34,7 @@ class PreemptionHandler(Callback):
         # Only a flag: the step in flight (maybe inside a collective) must finish normally.
         if self.received is None:
             self.received = signum
-            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint",
-                  flush=True)
+            print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint", flush=True)
 
     def on_train_start(self, trainer) -> None:
         for sig in self.signals:
@@ -49,8 +48,11 @@ class PreemptionHandler(Callback):
         agreed = self.all_reduce_max(local)
         if agreed:
             name = signal.Signals(agreed).name
-            trainer.request_stop(self.exit_code, f"{name} received (on at least one rank): checkpointed "
-                                 f"at step {step}; exit code {self.exit_code} asks the scheduler to requeue")
+            trainer.request_stop(
+                self.exit_code,
+                f"{name} received (on at least one rank): checkpointed "
+                f"at step {step}; exit code {self.exit_code} asks the scheduler to requeue",
+            )
 
     def on_train_end(self, trainer) -> None:
         for sig, previous in self._previous.items():

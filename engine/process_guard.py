@@ -18,6 +18,7 @@ Three things go wrong when a job is signalled or its launcher dies (issue #9):
 * Anything else that starts ``multiprocessing`` children is ended with the run by
   ``end_helper_processes``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,9 @@ class ParentWatchdog:
     collective), the watchdog ends it with ``os._exit(exit_code)``; the kernel then releases
     the run lock."""
 
-    def __init__(self, on_orphaned: Callable[[], None], poll_s: float = 0.5, grace_s: float = 300.0,
-                 exit_code: int = 1):
+    def __init__(
+        self, on_orphaned: Callable[[], None], poll_s: float = 0.5, grace_s: float = 300.0, exit_code: int = 1
+    ):
         self.on_orphaned = on_orphaned
         self.poll_s = poll_s
         self.grace_s = grace_s
@@ -84,8 +86,7 @@ class ParentWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.poll_s):
             if os.getppid() != self.parent:
-                print(f"parent process {self.parent} is gone (launcher killed?): stopping this rank",
-                      flush=True)
+                print(f"parent process {self.parent} is gone (launcher killed?): stopping this rank", flush=True)
                 self.on_orphaned()
                 if not self._stop.wait(self.grace_s):
                     print(f"still running {self.grace_s:.0f} s after the parent died: exiting", flush=True)

@@ -12,6 +12,7 @@
 
 The start/stop functions are injectable, so the window's placement is tested on CPU.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -90,11 +91,18 @@ class ProfilerWindow(Callback):
     line on CPU; tests inject recorders. A run that stops inside the window (end of
     training, a signal) still closes it, once."""
 
-    def __init__(self, start: int, end: int, ranks: List[int], out_dir: Path,
-                 torch_profiler: bool = False, top_ops: int = 25,
-                 start_fn: Optional[Callable[[], None]] = None,
-                 stop_fn: Optional[Callable[[], None]] = None,
-                 rank: Optional[int] = None):
+    def __init__(
+        self,
+        start: int,
+        end: int,
+        ranks: List[int],
+        out_dir: Path,
+        torch_profiler: bool = False,
+        top_ops: int = 25,
+        start_fn: Optional[Callable[[], None]] = None,
+        stop_fn: Optional[Callable[[], None]] = None,
+        rank: Optional[int] = None,
+    ):
         self.start, self.end = start, max(end, start)
         self.ranks = list(ranks)
         self.out_dir = Path(out_dir)
@@ -110,8 +118,11 @@ class ProfilerWindow(Callback):
     @staticmethod
     def _cpu_note(what: str) -> Callable[[], None]:
         def note() -> None:
-            print(f"[rank {_rank()}] profiler window {what} (no CUDA: cudaProfiler{what.capitalize()} skipped)",
-                  flush=True)
+            print(
+                f"[rank {_rank()}] profiler window {what} (no CUDA: cudaProfiler{what.capitalize()} skipped)",
+                flush=True,
+            )
+
         return note
 
     def _active(self) -> bool:
@@ -157,15 +168,17 @@ class ProfilerWindow(Callback):
         table = prof.key_averages().table(sort_by=sort_by, row_limit=self.top_ops)
         table_path = self.out_dir / f"top_ops_rank{rank}.txt"
         table_path.write_text(f"steps {self.start}..{self.end}, sorted by {sort_by}\n{table}\n")
-        print(f"[rank {rank}] torch.profiler: trace {trace}, top {self.top_ops} ops by {sort_by} in "
-              f"{table_path}\n{table}", flush=True)
+        print(
+            f"[rank {rank}] torch.profiler: trace {trace}, top {self.top_ops} ops by {sort_by} in "
+            f"{table_path}\n{table}",
+            flush=True,
+        )
 
 
 class OomSnapshot(Callback):
     """Record allocator history from the start and dump it when a step runs out of memory."""
 
-    def __init__(self, out_dir: Path, max_entries: int = 100_000,
-                 dump_fn: Optional[Callable[[str], None]] = None):
+    def __init__(self, out_dir: Path, max_entries: int = 100_000, dump_fn: Optional[Callable[[str], None]] = None):
         self.out_dir = Path(out_dir)
         self.max_entries = max_entries
         self.dump_fn = dump_fn or torch.cuda.memory._dump_snapshot
@@ -180,8 +193,11 @@ class OomSnapshot(Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / f"oom_snapshot_rank{_rank()}.pickle"
         self.dump_fn(str(path))
-        print(f"[rank {_rank()}] out of memory: allocator snapshot written to {path} "
-              f"(drag it into https://pytorch.org/memory_viz)", flush=True)
+        print(
+            f"[rank {_rank()}] out of memory: allocator snapshot written to {path} "
+            f"(drag it into https://pytorch.org/memory_viz)",
+            flush=True,
+        )
 
 
 def profiling_callbacks(cfg) -> List[Callback]:
@@ -190,8 +206,16 @@ def profiling_callbacks(cfg) -> List[Callback]:
     set_nvtx(pf.nvtx)
     out: List[Callback] = []
     if pf.start_step > 0:
-        out.append(ProfilerWindow(pf.start_step, pf.end_step or pf.start_step, pf.ranks, profile_dir(cfg),
-                                  torch_profiler=pf.torch_profiler, top_ops=pf.top_ops))
+        out.append(
+            ProfilerWindow(
+                pf.start_step,
+                pf.end_step or pf.start_step,
+                pf.ranks,
+                profile_dir(cfg),
+                torch_profiler=pf.torch_profiler,
+                top_ops=pf.top_ops,
+            )
+        )
     if pf.memory_snapshot_on_oom:
         out.append(OomSnapshot(profile_dir(cfg)))
     return out

@@ -5,6 +5,7 @@ import), so it cannot know the model presets, the objectives or the FP8 rules. T
 joins them: the CLI commands, the trainer and tests load through ``load_run_config`` and
 check through ``validate_run``.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -8,6 +8,7 @@ process exits, however it exits, so a crashed run never leaves a stale lock. The
 is broadcast so that every rank fails together with the holder named. (On a shared file
 system the lock needs flock support there, as Lustre with ``-o flock`` and NFSv4 have.)
 """
+
 from __future__ import annotations
 
 import datetime
@@ -45,12 +46,14 @@ class RunLock:
 
 
 def _holder_text() -> str:
-    return json.dumps({
-        "host": socket.gethostname(),
-        "pid": os.getpid(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-        "since": datetime.datetime.now().isoformat(timespec="seconds"),
-    })
+    return json.dumps(
+        {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+    )
 
 
 def try_lock(run_dir: str | Path) -> RunLock:
@@ -65,13 +68,17 @@ def try_lock(run_dir: str | Path) -> RunLock:
         os.close(fd)
         try:
             h = json.loads(holder)
-            holder = f"host {h['host']} pid {h['pid']}" + (
-                f" (SLURM job {h['slurm_job_id']})" if h.get("slurm_job_id") else "") + f" since {h['since']}"
+            holder = (
+                f"host {h['host']} pid {h['pid']}"
+                + (f" (SLURM job {h['slurm_job_id']})" if h.get("slurm_job_id") else "")
+                + f" since {h['since']}"
+            )
         except (ValueError, KeyError, TypeError):
             pass
         raise RunLockError(
             f"run directory {Path(run_dir)} is in use by {holder} ({path} is locked); "
-            f"wait for that run to end or choose another checkpoint.dir") from None
+            f"wait for that run to end or choose another checkpoint.dir"
+        ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, (_holder_text() + "\n").encode(), 0)
     return RunLock(path, fd)

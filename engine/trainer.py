@@ -18,11 +18,11 @@ consecutive skipped steps stop the run (exit 3, NonFiniteLossError) after checkp
 unchanged, finite state when ``training.exit_on_nonfinite``; otherwise the run goes on and
 counts them (``skipped_total``). A checkpoint is never written from non-finite state.
 """
+
 from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -97,7 +97,11 @@ class Trainer:
     # ----------------------------------------------------------------------------- setup
     def _build(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
 
         cfg = self.cfg
         self.dtype = resolve_dtype(cfg.precision.dtype)
@@ -109,7 +113,9 @@ class Trainer:
         built = build_gpt_chunks(cfg, self.dtype, fp8=resolve_fp8(cfg))
         self.tf_config = built.config
         print_rank0(f"layers: {built.spec_description}; dtype {self.dtype}; device {self.env.device}")
-        print_rank0(f"layout: {describe_layout()} (world {self.env.world_size}, dp {self.dp_size}, micro-batches/step {self.num_micro})")
+        print_rank0(
+            f"layout: {describe_layout()} (world {self.env.world_size}, dp {self.dp_size}, micro-batches/step {self.num_micro})"
+        )
 
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
@@ -179,21 +185,28 @@ class Trainer:
                 raise ckpt_lib.CheckpointError(
                     f"training.steps={self.cfg.training.steps} is behind the checkpoint {source} (iteration "
                     f"{start}): resuming would rewrite its timeline. Set training.steps >= {start}, or start "
-                    "a new run (another checkpoint.dir, with checkpoint.init_from for its weights)")
+                    "a new run (another checkpoint.dir, with checkpoint.init_from for its weights)"
+                )
         self._check_timeline(start)
         if source is None:
             return
         self.start_ckpt = source if full else None
-        self.state = ckpt_lib.load_checkpoint(source, self.model, self.optimizer, self.scheduler, load_optimizer=full,
-                                              verify=not verified)
+        self.state = ckpt_lib.load_checkpoint(
+            source, self.model, self.optimizer, self.scheduler, load_optimizer=full, verify=not verified
+        )
         if not full:
             self.state.lineage = ckpt_lib.read_meta(source).get("lineage", []) + [
-                {"init_from": str(source), "iteration": ckpt_lib.read_meta(source)["iteration"],
-                 "objective": ckpt_lib.checkpoint_objective(source)}
+                {
+                    "init_from": str(source),
+                    "iteration": ckpt_lib.read_meta(source)["iteration"],
+                    "objective": ckpt_lib.checkpoint_objective(source),
+                }
             ]
         what = "resumed" if full else "initialised weights"
-        print_rank0(f"{what} from {source} (iteration {self.state.iteration}, "
-                    f"consumed samples {self.state.consumed_train_samples})")
+        print_rank0(
+            f"{what} from {source} (iteration {self.state.iteration}, "
+            f"consumed samples {self.state.consumed_train_samples})"
+        )
 
     def _check_timeline(self, start: int) -> None:
         """Refuse to write into a directory that holds complete checkpoints newer than ``start``."""
@@ -207,7 +220,8 @@ class Trainer:
                 f"{ckpt_lib.checkpoint_root(c.dir)} holds complete checkpoints newer than iteration {start}, "
                 f"where this run starts: {names}. This run would interleave another timeline with them, "
                 "overwrite and prune them. Use another checkpoint.dir, resume the newest "
-                "(checkpoint.resume=true), or delete them")
+                "(checkpoint.resume=true), or delete them"
+            )
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.training
@@ -219,10 +233,13 @@ class Trainer:
 
     def _iterators(self, dataset, total: int, consumed: int):
         """One iterator per model chunk (interleaved pipelining reads data per chunk)."""
-        sampler = gpt_data.MicroBatchSampler(total, consumed, self.cfg.training.micro_batch_size,
-                                             self.dp_rank, self.dp_size)
-        its = [NvtxIterator(gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers, self.env.device))
-               for _ in self.model]
+        sampler = gpt_data.MicroBatchSampler(
+            total, consumed, self.cfg.training.micro_batch_size, self.dp_rank, self.dp_size
+        )
+        its = [
+            NvtxIterator(gpt_data.micro_batches(dataset, sampler, self.cfg.data.num_workers, self.env.device))
+            for _ in self.model
+        ]
         return its[0] if len(its) == 1 else its
 
     # ------------------------------------------------------------------------------ steps
@@ -311,8 +328,12 @@ class Trainer:
                 continue
             params = o.get_parameters()
             if params:
-                clip_grad_by_total_norm_fp32(params, max_norm=o.config.clip_grad, total_norm=grad_norm,
-                                             use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+                clip_grad_by_total_norm_fp32(
+                    params,
+                    max_norm=o.config.clip_grad,
+                    total_norm=grad_norm,
+                    use_decoupled_grad=o.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+                )
         if not opt.step_with_ready_grads():
             return "nonfinite", grad_norm
         self.scheduler.step(increment=1)
@@ -328,8 +349,7 @@ class Trainer:
         pass does)."""
         gbs = self.cfg.training.global_batch_size
         if num_samples % gbs:
-            raise ValueError(f"forward_only: {num_samples} samples is not a whole number of global batches "
-                             f"of {gbs}")
+            raise ValueError(f"forward_only: {num_samples} samples is not a whole number of global batches of {gbs}")
         its = self._iterators(dataset, num_samples, 0)
         total: Dict[str, float] = {}
         for m in self.model:
@@ -390,16 +410,25 @@ class Trainer:
             return None
         final = ckpt_lib.checkpoint_root(c.dir) / f"iter_{self.state.iteration:07d}"
         ours = {self._saved_path, self.start_ckpt}
-        if (final / ckpt_lib.META).is_file() and any(p is not None and Path(p).resolve() == final.resolve()
-                                                     for p in ours):
+        if (final / ckpt_lib.META).is_file() and any(
+            p is not None and Path(p).resolve() == final.resolve() for p in ours
+        ):
             return final
         # Before the first step the optimizer holds no state: such a checkpoint is weights only.
         with_optimizer = c.save_optimizer and self.state.iteration > 0
         try:
             with nvtx_range("checkpoint"):
-                path = ckpt_lib.save_checkpoint(c.dir, self.state, self.model, self.optimizer, self.scheduler,
-                                                self.cfg.to_yaml(), save_optimizer=with_optimizer, keep=c.keep,
-                                                protect=[self.start_ckpt])
+                path = ckpt_lib.save_checkpoint(
+                    c.dir,
+                    self.state,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.cfg.to_yaml(),
+                    save_optimizer=with_optimizer,
+                    keep=c.keep,
+                    protect=[self.start_ckpt],
+                )
         except ckpt_lib.NonFiniteStateError as exc:
             newest = ckpt_lib.latest_checkpoint(c.dir)
             raise NonFiniteLossError(f"{exc}; the newest complete checkpoint is {newest}") from None
@@ -452,8 +481,12 @@ class Trainer:
         self._consecutive_skips = self._consecutive_skips + 1 if out.skip == "nonfinite" else 0
         for i in range(len(s.source_tokens)):
             s.source_tokens[i] += out.sums.get(f"tokens_ds{i}", 0.0)
-        return {**out.metrics, "skipped": int(out.skip is not None), "skipped_total": s.skipped_steps,
-                "consumed_samples": s.consumed_train_samples}
+        return {
+            **out.metrics,
+            "skipped": int(out.skip is not None),
+            "skipped_total": s.skipped_steps,
+            "consumed_samples": s.consumed_train_samples,
+        }
 
     def _finish(self) -> None:
         """End of the run: ``pre_train_end`` (the final checkpoint), ``on_train_end`` (metric
@@ -479,9 +512,11 @@ class Trainer:
         consecutive = self._consecutive_skips
         what = f"loss is {metrics['loss']}, grad_norm {metrics['grad_norm']} at step {self.state.iteration}"
         if consecutive <= t.max_skipped_steps or not t.exit_on_nonfinite:
-            print_rank0(f"warning: {what}: update skipped ({consecutive} in a row, "
-                        f"{self.state.skipped_steps} in all; training.max_skipped_steps={t.max_skipped_steps}, "
-                        f"exit_on_nonfinite={t.exit_on_nonfinite})")
+            print_rank0(
+                f"warning: {what}: update skipped ({consecutive} in a row, "
+                f"{self.state.skipped_steps} in all; training.max_skipped_steps={t.max_skipped_steps}, "
+                f"exit_on_nonfinite={t.exit_on_nonfinite})"
+            )
             return
         path = self.save()
         raise NonFiniteLossError(

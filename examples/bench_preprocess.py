@@ -16,6 +16,7 @@ excludes interpreter start-up) and end to end (wall clock of the whole command),
 peak memory of the process tree (summed RSS of the CLI process and its workers, sampled
 every 50 ms; shared library pages are counted in every process, so it is an upper bound).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -101,28 +102,53 @@ def run_measured(cmd, env) -> dict:
 def main() -> int:
     """Build corpora, run the CLI for each setting, print a Markdown table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=float, nargs="+", default=[200.0],
-                    help="corpus sizes to test (default 200)")
+    ap.add_argument("--size-mb", type=float, nargs="+", default=[200.0], help="corpus sizes to test (default 200)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--vocab-size", type=int, default=8000,
-                    help="asked of the tokenizer; the sample supports fewer pieces, which are kept "
-                         "(--allow-smaller-vocab), as in the measured runs")
-    ap.add_argument("--repeat", type=int, default=3,
-                    help="runs per setting; the median run is reported (shared machines are noisy)")
+    ap.add_argument(
+        "--vocab-size",
+        type=int,
+        default=8000,
+        help="asked of the tokenizer; the sample supports fewer pieces, which are kept "
+        "(--allow-smaller-vocab), as in the measured runs",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs per setting; the median run is reported (shared machines are noisy)"
+    )
     ap.add_argument("--tmpdir", default=None, help="where to build the corpus (default: system temp)")
     args = ap.parse_args()
 
-    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(
+        os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    )
     py = sys.executable
     rows = []
     with tempfile.TemporaryDirectory(dir=args.tmpdir, prefix="bench_preprocess_") as tmp:
         tmp = Path(tmp)
         tok = tmp / "tok"
-        subprocess.run([py, "-m", "engine", "tokenizer", "train", "--input", str(SAMPLE), "--output-dir", str(tok),
-                        "--vocab-size", str(args.vocab_size), "--allow-smaller-vocab"], env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                py,
+                "-m",
+                "engine",
+                "tokenizer",
+                "train",
+                "--input",
+                str(SAMPLE),
+                "--output-dir",
+                str(tok),
+                "--vocab-size",
+                str(args.vocab_size),
+                "--allow-smaller-vocab",
+            ],
+            env=env,
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
         meta = json.loads((tok / "tokenizer_meta.json").read_text())
-        print(f"tokenizer: {meta['model_type']} {meta['trained_vocab_size']} pieces (vocab {meta['vocab_size']})",
-              flush=True)
+        print(
+            f"tokenizer: {meta['model_type']} {meta['trained_vocab_size']} pieces (vocab {meta['vocab_size']})",
+            flush=True,
+        )
         for size in args.size_mb:
             corpus = tmp / f"corpus_{int(size)}.jsonl"
             t = time.time()
@@ -130,8 +156,21 @@ def main() -> int:
             print(f"corpus: {nbytes / 1e6:.1f} MB ({time.time() - t:.0f}s to build)", flush=True)
             for w in args.workers:
                 prefix = tmp / f"out_{int(size)}_{w}"
-                cmd = [py, "-m", "engine", "preprocess", "--input", str(corpus), "--tokenizer", str(tok),
-                       "--output-prefix", str(prefix), "--workers", str(w), "--no-progress"]
+                cmd = [
+                    py,
+                    "-m",
+                    "engine",
+                    "preprocess",
+                    "--input",
+                    str(corpus),
+                    "--tokenizer",
+                    str(tok),
+                    "--output-prefix",
+                    str(prefix),
+                    "--workers",
+                    str(w),
+                    "--no-progress",
+                ]
                 runs = []
                 for _ in range(args.repeat):
                     load = os.getloadavg()[0]
@@ -143,24 +182,34 @@ def main() -> int:
                 runs.sort(key=lambda r: r[0])
                 run_s, m, side, load = runs[len(runs) // 2]
                 row = {
-                    "corpus_mb": nbytes / 1e6, "workers": w, "documents": side["documents"],
-                    "tokens": side["tokens"], "run_s": run_s, "wall_s": m["wall_s"],
-                    "mb_s": nbytes / 1e6 / run_s, "tok_s": side["tokens"] / run_s,
+                    "corpus_mb": nbytes / 1e6,
+                    "workers": w,
+                    "documents": side["documents"],
+                    "tokens": side["tokens"],
+                    "run_s": run_s,
+                    "wall_s": m["wall_s"],
+                    "mb_s": nbytes / 1e6 / run_s,
+                    "tok_s": side["tokens"] / run_s,
                     "mb_s_wall": nbytes / 1e6 / m["wall_s"],
                     "peak_mem_mb": max(r[1]["peak_mem_mb"] for r in runs),
-                    "run_s_all": [r[0] for r in runs], "load_before": [round(r[3], 2) for r in runs],
+                    "run_s_all": [r[0] for r in runs],
+                    "load_before": [round(r[3], 2) for r in runs],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
             corpus.unlink()
 
     print(f"\nmedian of {args.repeat} runs; peak memory is the maximum over the runs")
-    print("| corpus MB | workers | documents | tokens | MB/s (run) | tokens/s (run) | MB/s (end to end) | MB/s per worker | run seconds (all runs) | peak memory, process tree |")
+    print(
+        "| corpus MB | workers | documents | tokens | MB/s (run) | tokens/s (run) | MB/s (end to end) | MB/s per worker | run seconds (all runs) | peak memory, process tree |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['corpus_mb']:.1f} | {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['mb_s']:.2f} | "
-              f"{r['tok_s']:,.0f} | {r['mb_s_wall']:.2f} | {r['mb_s'] / r['workers']:.2f} | "
-              f"{', '.join(f'{x:.1f}' for x in r['run_s_all'])} | {r['peak_mem_mb']:.0f} MiB |")
+        print(
+            f"| {r['corpus_mb']:.1f} | {r['workers']} | {r['documents']:,} | {r['tokens']:,} | {r['mb_s']:.2f} | "
+            f"{r['tok_s']:,.0f} | {r['mb_s_wall']:.2f} | {r['mb_s'] / r['workers']:.2f} | "
+            f"{', '.join(f'{x:.1f}' for x in r['run_s_all'])} | {r['peak_mem_mb']:.0f} MiB |"
+        )
     return 0
 
 

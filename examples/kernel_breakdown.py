@@ -8,6 +8,7 @@ activations, elementwise, reductions, copies, optimizer, communication). GPU tim
 sum of kernel durations; the wall time of the window comes from the profiler's step
 annotations when present, else from the first to the last kernel.
 """
+
 import argparse
 import json
 import re
@@ -47,14 +48,20 @@ def main() -> None:
         wall = sum(e["dur"] for e in steps)
     else:
         wall = max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)
-    print(f"kernels: {len(kernels)}, GPU kernel time {total / 1e3:.1f} ms, window wall time {wall / 1e3:.1f} ms "
-          f"(GPU busy {100 * total / wall:.1f}%)")
+    print(
+        f"kernels: {len(kernels)}, GPU kernel time {total / 1e3:.1f} ms, window wall time {wall / 1e3:.1f} ms "
+        f"(GPU busy {100 * total / wall:.1f}%)"
+    )
     for cls in ("gemm", "attention", "other"):
-        print(f"  {cls:9s} {by_class[cls] / 1e3:9.1f} ms  {100 * by_class[cls] / total:5.1f}% of kernel time  "
-              f"{100 * by_class[cls] / wall:5.1f}% of wall time")
+        print(
+            f"  {cls:9s} {by_class[cls] / 1e3:9.1f} ms  {100 * by_class[cls] / total:5.1f}% of kernel time  "
+            f"{100 * by_class[cls] / wall:5.1f}% of wall time"
+        )
     idle = max(wall - total, 0.0)
-    print(f"  outside GEMM and attention (other kernels + GPU idle): "
-          f"{100 * (by_class['other'] + idle) / wall:.1f}% of wall time")
+    print(
+        f"  outside GEMM and attention (other kernels + GPU idle): "
+        f"{100 * (by_class['other'] + idle) / wall:.1f}% of wall time"
+    )
     print(f"top {args.top} kernels by total time:")
     for name, (dur, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"  {dur / 1e3:9.2f} ms {100 * dur / total:5.1f}%  x{n:<5d} [{classify(name)}] {name[:110]}")

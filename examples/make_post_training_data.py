@@ -15,6 +15,7 @@ takes the documents whose ``source`` is ``kolaw/constitution.txt#제N조`` and w
 
 Usage: python examples/make_post_training_data.py --out-dir DIR [--max-chars 160] [--seed 0] [--distractors 0.25]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,12 +53,23 @@ def sft_records(articles):
             yield {"instruction": "다음 헌법 조문의 내용을 인용하시오.", "input": f"제{n}조", "output": text}
         elif i % 3 == 0 and i + 1 < len(articles):
             n2, text2 = articles[i + 1]
-            yield {"messages": [{"role": "system", "content": SYSTEM},
-                                {"role": "user", "content": question(n)}, {"role": "assistant", "content": text},
-                                {"role": "user", "content": question(n2)}, {"role": "assistant", "content": text2}]}
+            yield {
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": question(n)},
+                    {"role": "assistant", "content": text},
+                    {"role": "user", "content": question(n2)},
+                    {"role": "assistant", "content": text2},
+                ]
+            }
         else:
-            yield {"messages": [{"role": "system", "content": SYSTEM},
-                                {"role": "user", "content": question(n)}, {"role": "assistant", "content": text}]}
+            yield {
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": question(n)},
+                    {"role": "assistant", "content": text},
+                ]
+            }
 
 
 def preference_records(articles, distractors, seed: int = 0):
@@ -79,8 +91,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--max-chars", type=int, default=160, help="cut each article's text to this many characters")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--distractors", type=float, default=0.25,
-                    help="share of the articles used only as rejected answers")
+    ap.add_argument(
+        "--distractors", type=float, default=0.25, help="share of the articles used only as rejected answers"
+    )
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -91,8 +104,10 @@ def main(argv=None) -> int:
     shuffled = [articles[k] for k in order]
     cut = len(shuffled) - int(round(args.distractors * len(shuffled)))
     asked, distractors = shuffled[:cut], shuffled[cut:]
-    for name, records in (("sft.jsonl", sft_records(asked)),
-                          ("preference.jsonl", preference_records(asked, distractors, args.seed))):
+    for name, records in (
+        ("sft.jsonl", sft_records(asked)),
+        ("preference.jsonl", preference_records(asked, distractors, args.seed)),
+    ):
         with open(out / name, "w", encoding="utf-8") as f:
             n = 0
             for rec in records:

@@ -4,6 +4,7 @@
 
 The first ``--skip`` steps (warm-up: allocator growth, kernel selection) are left out.
 """
+
 import argparse
 import json
 import statistics
@@ -21,10 +22,14 @@ def main() -> None:
     # A step recorded twice (a resume by an engine that did not truncate the file): the last
     # record of each step is the one of the surviving timeline.
     by_step = {r["step"]: r for r in rows if r.get("split") == "train"}
-    rows = [by_step[s] for s in sorted(by_step)][args.skip:]
+    rows = [by_step[s] for s in sorted(by_step)][args.skip :]
     if not rows:
         raise SystemExit(f"no training steps after skipping {args.skip} in {path}")
-    med = lambda k: statistics.median(r[k] for r in rows if r.get(k) is not None) if any(r.get(k) is not None for r in rows) else None
+
+    def med(key):
+        values = [r[key] for r in rows if r.get(key) is not None]
+        return statistics.median(values) if values else None
+
     print(f"steps measured: {len(rows)} (steps {rows[0]['step']}..{rows[-1]['step']})")
     print(f"median step time: {med('step_time'):.3f} s")
     print(f"median tokens/s per GPU: {med('tokens_per_s_per_gpu'):,.0f}")

@@ -9,6 +9,7 @@ Packed sequences in megatron-core's THD layout (``PackedSeqParams``, as TE's att
 takes them) are attended segment by segment, so the packing code path is the same with
 and without TransformerEngine.
 """
+
 from __future__ import annotations
 
 import math
@@ -92,7 +93,8 @@ class SDPAAttention(MegatronModule):
             raise ValueError(f"cu_seqlens {bounds[0]}..{bounds[-1]} do not cover the {query.shape[0]} packed tokens")
         outs = [
             self._attend(query[a:b].unsqueeze(1), key[a:b].unsqueeze(1), value[a:b].unsqueeze(1), None, attn_mask_type)
-            for a, b in zip(bounds[:-1], bounds[1:]) if b > a
+            for a, b in zip(bounds[:-1], bounds[1:])
+            if b > a
         ]
         return torch.cat(outs, dim=0).squeeze(1)
 
@@ -117,8 +119,14 @@ class SDPAAttention(MegatronModule):
         dropout = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork():
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal,
-                scale=self.softmax_scale, enable_gqa=k.shape[1] != q.shape[1],
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=k.shape[1] != q.shape[1],
             )
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)

@@ -1,4 +1,5 @@
 """Build megatron-core ``GPTModel`` chunks (one per virtual pipeline stage) from the config."""
+
 from __future__ import annotations
 
 import logging
@@ -124,18 +125,22 @@ class BuiltModel:
     spec_description: str
 
 
-def build_gpt_chunks(cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = None,
-                     fp8: Optional[Fp8Fields] = None) -> BuiltModel:
+def build_gpt_chunks(
+    cfg: Config, dtype: torch.dtype, use_te: Optional[bool] = None, fp8: Optional[Fp8Fields] = None
+) -> BuiltModel:
     """Construct this rank's ``GPTModel`` chunk(s); parallel_state must be initialised.
 
     ``fp8``: the run's resolved FP8 settings (``engine.precision.resolve_fp8``, which refuses
     FP8 without TE, or a recipe the GPU lacks, before any layer exists); required with
     ``precision.dtype: fp8``, so no caller builds a bf16 model for an FP8 config by omission."""
     if cfg.precision.dtype == "fp8" and fp8 is None:
-        raise ConfigError("precision.dtype is fp8 but no FP8 settings were given to the model builder "
-                          "(pass fp8=engine.precision.resolve_fp8(cfg))")
-    tf_config = transformer_config(cfg.model, cfg.parallel, dtype, cfg.training.recompute,
-                                   fp8=fp8.transformer_kwargs() if fp8 else None)
+        raise ConfigError(
+            "precision.dtype is fp8 but no FP8 settings were given to the model builder "
+            "(pass fp8=engine.precision.resolve_fp8(cfg))"
+        )
+    tf_config = transformer_config(
+        cfg.model, cfg.parallel, dtype, cfg.training.recompute, fp8=fp8.transformer_kwargs() if fp8 else None
+    )
     spec, description = layer_spec(cfg.model, use_te, cfg.parallel.sequence_parallel)
     if fp8:
         description += f"; {fp8.describe()}"

@@ -45,6 +45,7 @@ Vocabulary padding: megatron's embedding (and untied output layer) has
 ``model_cfg.padded_vocab_size`` rows; Hugging Face gets the first ``model_cfg.vocab_size``
 rows, and the import pads back with zero rows.
 """
+
 from __future__ import annotations
 
 import re
@@ -158,9 +159,7 @@ def _check_window(model_cfg: ModelConfig, family: str, allow_mismatch: bool) -> 
         return model_cfg.sliding_window
     if allow_mismatch:
         return None
-    where = (
-        f"on {model_cfg.sliding_window_layers} layers only" if family == "mixtral" else "at all"
-    )
+    where = f"on {model_cfg.sliding_window_layers} layers only" if family == "mixtral" else "at all"
     raise ConversionError(
         f"the model uses sliding-window attention (window {model_cfg.sliding_window}, layers "
         f"'{model_cfg.sliding_window_layers}') which {family} cannot express {where}; the exported "
@@ -421,7 +420,7 @@ def normalize_megatron_keys(state_dict: Mapping[str, object]) -> Dict[str, torch
     for key, value in _drop_ignored(state_dict).items():
         name = key
         while name.startswith("module."):
-            name = name[len("module."):]
+            name = name[len("module.") :]
         for te_name, local_name in _TE_RENAMES:
             if name.endswith("." + te_name):
                 name = name[: -len(te_name)] + local_name
@@ -443,9 +442,7 @@ def _tied_output(src: _Source, model_cfg: ModelConfig, embedding: torch.Tensor) 
     if model_cfg.tie_embeddings and src.has("output_layer.weight"):
         out = src.take("output_layer.weight")
         if out.shape != embedding.shape or not torch.equal(out, embedding):
-            raise ConversionError(
-                "tie_embeddings is set but output_layer.weight differs from the word embedding"
-            )
+            raise ConversionError("tie_embeddings is set but output_layer.weight differs from the word embedding")
 
 
 # --------------------------------------------------------------------------------------
@@ -610,7 +607,9 @@ def megatron_to_hf(
 # --------------------------------------------------------------------------------------
 
 
-_LEGACY_MIXTRAL = re.compile(r"^(model\.layers\.\d+)\.block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)$")
+_LEGACY_MIXTRAL = re.compile(
+    r"^(model\.layers\.\d+)\.block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)$"
+)
 
 
 def _normalize_hf_keys(hf_state_dict: Mapping[str, torch.Tensor], model_cfg: ModelConfig) -> Dict[str, torch.Tensor]:
@@ -748,6 +747,4 @@ def load_megatron_state_dict(model: torch.nn.Module, state_dict: Mapping[str, to
     result = model.load_state_dict(dict(state_dict), strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(IGNORED_SUFFIXES)]
     if missing or result.unexpected_keys:
-        raise ConversionError(
-            f"megatron load: missing {_fmt(missing)}; unexpected {_fmt(result.unexpected_keys)}"
-        )
+        raise ConversionError(f"megatron load: missing {_fmt(missing)}; unexpected {_fmt(result.unexpected_keys)}")

@@ -7,6 +7,7 @@ MLPs of width ``f_e``. Plus the word embedding ``V_pad h``, learned positions ``
 the final norm and, untied, the output layer. ``parallel.plan`` splits these per GPU;
 ``models.build.count_parameters`` checks them against a built model.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

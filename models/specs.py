@@ -1,4 +1,5 @@
 """Layer specs: TransformerEngine when it imports, otherwise torch-native with SDPA attention."""
+
 from __future__ import annotations
 
 import copy
@@ -21,8 +22,9 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(model: ModelConfig, use_te: bool | None = None,
-               sequence_parallel: bool = False) -> Tuple[ModuleSpec, str]:
+def layer_spec(
+    model: ModelConfig, use_te: bool | None = None, sequence_parallel: bool = False
+) -> Tuple[ModuleSpec, str]:
     """Return ``(spec, description)`` for one transformer layer of ``model``.
 
     The description names the layer implementation and attention backend, for the log.
@@ -40,8 +42,10 @@ def layer_spec(model: ModelConfig, use_te: bool | None = None,
         return spec, "TransformerEngine layers, TE fused attention (flash/cuDNN)"
 
     if sequence_parallel and importlib.util.find_spec("apex") is None:
-        raise ConfigError("parallel.sequence_parallel needs TransformerEngine (or apex) norms, and neither is "
-                          "installed; set parallel.sequence_parallel=false")
+        raise ConfigError(
+            "parallel.sequence_parallel needs TransformerEngine (or apex) norms, and neither is "
+            "installed; set parallel.sequence_parallel=false"
+        )
     from models.attention import SDPAAttention
 
     spec = specs.get_gpt_layer_local_spec(

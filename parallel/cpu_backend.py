@@ -6,6 +6,7 @@ else, so that tensor/pipeline/expert/data parallelism can be exercised by severa
 processes in CI. It is a development and CI backend, never a production path:
 ``activate()`` refuses to run when CUDA is available and logs loudly what it changed.
 """
+
 from __future__ import annotations
 
 import logging
@@ -88,8 +89,16 @@ _ORIG_TENSOR_TYPE = torch.Tensor.type
 _TAG_FORWARD, _TAG_BACKWARD = 1, 2
 
 
-def _tagged_batched_p2p_ops(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next,
-                            group, prev_pipeline_rank, next_pipeline_rank):
+def _tagged_batched_p2p_ops(
+    *,
+    tensor_send_prev,
+    tensor_recv_prev,
+    tensor_send_next,
+    tensor_recv_next,
+    group,
+    prev_pipeline_rank,
+    next_pipeline_rank,
+):
     """megatron-core's batched pipeline p2p with a gloo tag per direction (see activate())."""
     dist = torch.distributed
     ops = []
@@ -179,7 +188,5 @@ def activate() -> List[str]:
         p2p._batched_p2p_ops = _tagged_batched_p2p_ops
         _active.append("pipeline p2p: one gloo tag per direction")
 
-        log.warning(
-            "CPU backend ACTIVE (development/CI only, not a production path): %s", "; ".join(_active)
-        )
+        log.warning("CPU backend ACTIVE (development/CI only, not a production path): %s", "; ".join(_active))
         return list(_active)

@@ -1,5 +1,6 @@
 """Vendor figures of the GPUs the engine plans for and measures against (no code, no imports):
 ``engine.metrics`` reads the peaks for MFU, ``parallel.plan`` the peaks and memory sizes."""
+
 from __future__ import annotations
 
 # Dense peak TFLOP/s per GPU from the vendors' data sheets (SXM parts, no sparsity).

@@ -48,6 +48,7 @@ Fit: total against the GPU's memory minus a reserve (default 10%) for the CUDA c
 NCCL buffers and allocator fragmentation. GPU memory (vendor figures): H100 SXM 80 GB,
 H200 141 GB, B200 180 GB (NVIDIA DGX B200 / HGX B200: 1,440 GB over 8 GPUs).
 """
+
 from __future__ import annotations
 
 import copy
@@ -139,8 +140,13 @@ def stage_parameters(cfg: Config, counts: ParameterCounts, stage: str) -> Dict[s
     return {"dense": dense, "expert": layers * expert_layer}
 
 
-def activation_bytes(cfg: Config, dp: int, recompute: Optional[str] = None, micro_batch: Optional[int] = None,
-                     act_bytes: Optional[int] = None) -> Dict[str, float]:
+def activation_bytes(
+    cfg: Config,
+    dp: int,
+    recompute: Optional[str] = None,
+    micro_batch: Optional[int] = None,
+    act_bytes: Optional[int] = None,
+) -> Dict[str, float]:
     """Activation bytes per GPU: ``first`` stage (most micro-batches in flight) and ``last``
     stage (one micro-batch in flight, plus the logits); equal when there is one stage."""
     m, p, t_cfg = cfg.model, cfg.parallel, cfg.training
@@ -177,8 +183,14 @@ def activation_bytes(cfg: Config, dp: int, recompute: Optional[str] = None, micr
     return {"first": in_flight * layers * saved + extra, "last": layers * saved + extra + logits}
 
 
-def gpu_memory(cfg: Config, counts: ParameterCounts, world: int, recompute: Optional[str] = None,
-               micro_batch: Optional[int] = None, on_cpu: bool = False) -> GpuPlan:
+def gpu_memory(
+    cfg: Config,
+    counts: ParameterCounts,
+    world: int,
+    recompute: Optional[str] = None,
+    micro_batch: Optional[int] = None,
+    on_cpu: bool = False,
+) -> GpuPlan:
     """Per-GPU memory of the most loaded stage (bytes), with the formulas of the module docstring.
 
     ``on_cpu``: ``precision.dtype: auto`` means fp32 (as the engine does on CPU), not bf16."""
@@ -191,7 +203,7 @@ def gpu_memory(cfg: Config, counts: ParameterCounts, world: int, recompute: Opti
     o = 8 + (0 if fp32_training else 4)
     acts_all = {r: activation_bytes(cfg, d, r, micro_batch, w) for r in ("none", "selective", "full")}
     best = None
-    for stage in (["only"] if p.pipeline == 1 else ["first", "last"]):
+    for stage in ["only"] if p.pipeline == 1 else ["first", "last"]:
         sp = stage_parameters(cfg, counts, stage)
         n = sp["dense"] + sp["expert"]
         weight_bytes = n * w
@@ -204,8 +216,9 @@ def gpu_memory(cfg: Config, counts: ParameterCounts, world: int, recompute: Opti
         by_recompute = {r: v[key] for r, v in acts_all.items()}
         acts = by_recompute[recompute or cfg.training.recompute]
         total = weight_bytes + n * g + opt + acts
-        plan = GpuPlan(n, sp["dense"], sp["expert"], weight_bytes, n * g, opt, opt_no_do, opt_do, acts,
-                       by_recompute, total, stage)
+        plan = GpuPlan(
+            n, sp["dense"], sp["expert"], weight_bytes, n * g, opt, opt_no_do, opt_do, acts, by_recompute, total, stage
+        )
         if best is None or plan.total > best.total:
             best = plan
     return best
@@ -221,15 +234,25 @@ def _precision_key(cfg: Config, gpu: str) -> str:
     return {"fp16": "fp16", "fp32": "fp32"}.get(dtype, "bf16")
 
 
-def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float = 0.4,
-              reserve: float = 0.10, on_cpu: bool = False, checks: Sequence[ConfigCheck] = ()) -> Plan:
+def make_plan(
+    cfg: Config,
+    nodes: int,
+    gpus_per_node: int,
+    gpu: str,
+    mfu: float = 0.4,
+    reserve: float = 0.10,
+    on_cpu: bool = False,
+    checks: Sequence[ConfigCheck] = (),
+) -> Plan:
     """Plan ``cfg`` on ``nodes x gpus_per_node`` GPUs of kind ``gpu``; validates the layout first
     (``validate`` with the subsystems' ``checks``: ``engine.run_config.RUN_CHECKS`` from the CLI)."""
     # The CLI checks these in argparse; callers of the function get the same words.
-    for name, value, ok, shown in (("nodes", nodes, nodes >= 1, ">= 1"),
-                                   ("gpus_per_node", gpus_per_node, gpus_per_node >= 1, ">= 1"),
-                                   ("mfu", mfu, 0 < mfu <= 1, "in (0, 1]"),
-                                   ("reserve", reserve, 0 <= reserve < 1, "in [0, 1)")):
+    for name, value, ok, shown in (
+        ("nodes", nodes, nodes >= 1, ">= 1"),
+        ("gpus_per_node", gpus_per_node, gpus_per_node >= 1, ">= 1"),
+        ("mfu", mfu, 0 < mfu <= 1, "in (0, 1]"),
+        ("reserve", reserve, 0 <= reserve < 1, "in [0, 1)"),
+    ):
         if not ok:
             raise ConfigError(f"plan: {name} must be {shown}, got {value}")
     world = nodes * gpus_per_node
@@ -246,15 +269,34 @@ def make_plan(cfg: Config, nodes: int, gpus_per_node: int, gpu: str, mfu: float 
     precision = _precision_key(cfg, gpu)
     peak = PEAK_TFLOPS.get(gpu, {}).get(precision)
     step = flops / (world * peak * 1e12 * mfu) if peak else None
-    plan = Plan(world=world, tensor=p.tensor, pipeline=p.pipeline, virtual=p.virtual_pipeline or 1,
-                context=p.context, expert=p.expert, data=d,
-                expert_data=p.expert_data_parallel(world),
-                micro_batches=t.global_batch_size // (t.micro_batch_size * d), counts=counts, gpu=mem,
-                gpu_name=gpu, capacity_gib=capacity, usable_gib=usable, fits=fits, flops_per_step=flops,
-                tokens_per_step=tokens, precision=precision, peak_tflops=peak, mfu=mfu, step_time_s=step)
+    plan = Plan(
+        world=world,
+        tensor=p.tensor,
+        pipeline=p.pipeline,
+        virtual=p.virtual_pipeline or 1,
+        context=p.context,
+        expert=p.expert,
+        data=d,
+        expert_data=p.expert_data_parallel(world),
+        micro_batches=t.global_batch_size // (t.micro_batch_size * d),
+        counts=counts,
+        gpu=mem,
+        gpu_name=gpu,
+        capacity_gib=capacity,
+        usable_gib=usable,
+        fits=fits,
+        flops_per_step=flops,
+        tokens_per_step=tokens,
+        precision=precision,
+        peak_tflops=peak,
+        mfu=mfu,
+        step_time_s=step,
+    )
     if cfg.precision.dtype == "fp8":
-        plan.notes.append("activations are counted at bf16 width; TransformerEngine keeps some FP8 "
-                          "GEMM inputs in 8 bits, so an FP8 run needs somewhat less")
+        plan.notes.append(
+            "activations are counted at bf16 width; TransformerEngine keeps some FP8 "
+            "GEMM inputs in 8 bits, so an FP8 run needs somewhat less"
+        )
     if capacity and not fits:
         plan.suggestion = suggest(cfg, counts, world, usable)
     return plan
@@ -276,8 +318,11 @@ def suggest(cfg: Config, counts: ParameterCounts, world: int, usable_gib: float)
                 if t.global_batch_size % (mbs * d) == 0:
                     mem = gpu_memory(c, counts, world, recompute=recompute, micro_batch=mbs)
                     if mem.total / GIB <= usable_gib:
-                        return {"training.micro_batch_size": mbs, "training.recompute": recompute,
-                                "parallel.distributed_optimizer": c.parallel.distributed_optimizer,
-                                "total_gib": mem.total / GIB}
+                        return {
+                            "training.micro_batch_size": mbs,
+                            "training.recompute": recompute,
+                            "parallel.distributed_optimizer": c.parallel.distributed_optimizer,
+                            "total_gib": mem.total / GIB,
+                        }
                 mbs //= 2
     return {"none": "no micro-batch size / recompute fits: add GPUs, raise parallel.tensor or parallel.pipeline"}

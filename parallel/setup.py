@@ -5,6 +5,7 @@ and as one plain process (a single-rank group on a free local port). NCCL when C
 there, gloo otherwise; on CPU the CUDA redirections of ``parallel.cpu_backend`` are
 activated first.
 """
+
 from __future__ import annotations
 
 import logging

@@ -3,6 +3,7 @@
 Multi-rank tests start the real CLI under ``torch.distributed.run`` (several CPU processes
 over gloo on a free port) and read the per-step metrics the engine wrote; tests of rank logic
 that need no CLI run functions on spawned gloo ranks instead (``run_distributed``)."""
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,12 @@ def base_config(data_prefix: str, run_dir: Path, preset: str = "tiny-llama") -> 
     """A small, fast config all engine-run tests start from."""
     return {
         "model": {"preset": preset},
-        "data": {"paths": [data_prefix], "seq_length": 64, "split": "90,5,5",
-                 "cache_dir": str(run_dir.parent / "data_cache")},
+        "data": {
+            "paths": [data_prefix],
+            "seq_length": 64,
+            "split": "90,5,5",
+            "cache_dir": str(run_dir.parent / "data_cache"),
+        },
         "training": {"steps": 5, "global_batch_size": 8, "micro_batch_size": 1},
         "optimizer": {"lr": 3e-3, "min_lr": 3e-4},
         "schedule": {"warmup_steps": 1},
@@ -87,8 +92,9 @@ def base_config(data_prefix: str, run_dir: Path, preset: str = "tiny-llama") -> 
     }
 
 
-def run_engine(config: Dict, nproc: int = 1, overrides: Sequence[str] = (), timeout: int = 300,
-               check: bool = True) -> subprocess.CompletedProcess:
+def run_engine(
+    config: Dict, nproc: int = 1, overrides: Sequence[str] = (), timeout: int = 300, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run ``python -m engine train`` on ``nproc`` CPU processes; returns the finished process."""
     run_dir = Path(config["checkpoint"]["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -98,8 +104,18 @@ def run_engine(config: Dict, nproc: int = 1, overrides: Sequence[str] = (), time
         cmd = [sys.executable, "-m", "engine", "train", str(cfg_path), *overrides]
     else:
         # --standalone: torchrun picks a free rendezvous port itself (no race with other runs).
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "engine", "train", str(cfg_path), *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "engine",
+            "train",
+            str(cfg_path),
+            *overrides,
+        ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
@@ -132,10 +148,14 @@ def build_post_training_data(out: Path, seq_length: int = 128, max_chars: int = 
     train_tokenizer([str(sample)], str(out / "tok"), vocab_size=1000)
     mk.main(["--out-dir", str(out / "raw"), "--max-chars", str(max_chars)])
     paths = {"tokenizer": str(out / "tok")}
-    for kind, src, name in (("pretrain", sample, "pretrain"), ("sft", out / "raw" / "sft.jsonl", "sft"),
-                            ("preference", out / "raw" / "preference.jsonl", "pref")):
-        preprocess([str(src)], str(out / "tok"), str(out / "data" / name), kind=kind, seq_length=seq_length,
-                   progress=False)
+    for kind, src, name in (
+        ("pretrain", sample, "pretrain"),
+        ("sft", out / "raw" / "sft.jsonl", "sft"),
+        ("preference", out / "raw" / "preference.jsonl", "pref"),
+    ):
+        preprocess(
+            [str(src)], str(out / "tok"), str(out / "data" / name), kind=kind, seq_length=seq_length, progress=False
+        )
         paths[name] = str(out / "data" / name)
     return paths
 

@@ -16,6 +16,7 @@ time makes ``run`` raise AssertionError with that rank's traceback, and the pool
 
 ``fn`` and its arguments are pickled: ``fn`` must be a module-level function of an importable
 module (a test module is; the parent's ``sys.path`` is sent with every call)."""
+
 from __future__ import annotations
 
 import multiprocessing.connection
@@ -43,8 +44,14 @@ def free_port() -> int:
 
 def _worker(rank: int, world_size: int, port: int, tasks, results) -> None:
     """One rank: join the gloo group, then run tasks until told to stop or the parent is gone."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
     warnings.filterwarnings("ignore")  # as run_engine's PYTHONWARNINGS=ignore: megatron's fallback notices
     try:
         import torch
@@ -89,8 +96,12 @@ class RankPool:
         self._results = ctx.Queue()
         self._tasks = [ctx.Queue() for _ in range(world_size)]
         port = free_port()
-        self._procs = [ctx.Process(target=_worker, args=(r, world_size, port, self._tasks[r], self._results),
-                                   name=f"rank{r}", daemon=False) for r in range(world_size)]
+        self._procs = [
+            ctx.Process(
+                target=_worker, args=(r, world_size, port, self._tasks[r], self._results), name=f"rank{r}", daemon=False
+            )
+            for r in range(world_size)
+        ]
         for p in self._procs:
             p.start()
         self._collect(start_timeout, "start")
@@ -109,8 +120,13 @@ class RankPool:
                 if failed and (time.monotonic() > deadline or dead):
                     break  # the others may wait in a collective for the dead or failed rank
                 if time.monotonic() > deadline:
-                    failed.update({r: f"rank {r} gave no answer within {timeout:.0f} s"
-                                   for r in range(self.world_size) if r not in got})
+                    failed.update(
+                        {
+                            r: f"rank {r} gave no answer within {timeout:.0f} s"
+                            for r in range(self.world_size)
+                            if r not in got
+                        }
+                    )
                     break
                 continue
             if ok:
@@ -129,8 +145,17 @@ class RankPool:
         """Whether every worker is still running."""
         return all(p.is_alive() for p in self._procs)
 
-    def run(self, fn: Callable, *args, tensor: int = 1, pipeline: int = 1, virtual_pipeline: Optional[int] = None,
-            expert: int = 1, seed: int = 1234, timeout: float = 180.0) -> List[Any]:
+    def run(
+        self,
+        fn: Callable,
+        *args,
+        tensor: int = 1,
+        pipeline: int = 1,
+        virtual_pipeline: Optional[int] = None,
+        expert: int = 1,
+        seed: int = 1234,
+        timeout: float = 180.0,
+    ) -> List[Any]:
         """``fn(rank, *args)`` on every rank at the given TP/PP/VP/EP sizes; the results in rank order."""
         sizes = dict(tensor=tensor, pipeline=pipeline, virtual_pipeline=virtual_pipeline, expert=expert)
         payload = pickle.dumps((fn, args, sizes, seed))

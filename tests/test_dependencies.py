@@ -1,6 +1,7 @@
 """The pinned dependency set: pyproject.toml pins what the engine relies on, the constraints
 file (the exact set CI ran) satisfies pyproject's bounds, and the environment under test is
 that set."""
+
 from __future__ import annotations
 
 import re
@@ -57,7 +58,8 @@ def test_constraints_satisfy_pyproject_bounds():
             continue  # installed by setup_env.sh itself (CPU wheel, or a CUDA build already present)
         assert key in pins, f"{req.name} is a dependency but not in constraints/py311.txt"
         assert req.specifier.contains(pins[key], prereleases=True), (
-            f"constraints/py311.txt pins {req.name}=={pins[key]}, outside pyproject's {req.specifier}")
+            f"constraints/py311.txt pins {req.name}=={pins[key]}, outside pyproject's {req.specifier}"
+        )
 
 
 @pytest.mark.skipif(sys.version_info[:2] != (3, 11), reason="the constraints record the Python 3.11 (CI) set")

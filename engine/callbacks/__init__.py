@@ -8,6 +8,7 @@ is acted on after every callback's ``on_step_end``; the final checkpoint comes b
 ``on_train_end``. The throughput timer starts after the profiler window opens, so opening
 it is not counted in the step time.
 """
+
 from __future__ import annotations
 
 from typing import List, Sequence
@@ -18,8 +19,16 @@ from engine.callbacks.evaluation import EvaluationCallback
 from engine.callbacks.loggers import ConsoleLogger, MetricsFileLogger
 from engine.callbacks.throughput import SourceShareCallback, ThroughputCallback
 
-__all__ = ["Callback", "CheckpointCallback", "ConsoleLogger", "EvaluationCallback", "MetricsFileLogger",
-           "SourceShareCallback", "ThroughputCallback", "build_callbacks"]
+__all__ = [
+    "Callback",
+    "CheckpointCallback",
+    "ConsoleLogger",
+    "EvaluationCallback",
+    "MetricsFileLogger",
+    "SourceShareCallback",
+    "ThroughputCallback",
+    "build_callbacks",
+]
 
 
 def build_callbacks(cfg, extra: Sequence[Callback] = ()) -> List[Callback]:

@@ -16,6 +16,7 @@ The trainer calls each hook on every callback in list order (``Trainer.callbacks
 ``log_metrics`` is also called for validation metrics (``split="valid"``), by the evaluation
 callback through ``trainer.log_metrics``.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Optional

@@ -1,4 +1,5 @@
 """Checkpoint cadence: every ``checkpoint.save_interval`` steps and at the end of the run."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional

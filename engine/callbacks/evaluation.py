@@ -1,4 +1,5 @@
 """Validation at a step cadence."""
+
 from __future__ import annotations
 
 from typing import Dict, Optional

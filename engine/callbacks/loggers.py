@@ -1,4 +1,5 @@
 """Where step metrics go: the console log line and the metric files (JSONL, TensorBoard, wandb)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -48,8 +49,9 @@ class MetricsFileLogger(Callback):
             return
         lg = self.cfg.logging
         log_dir = lg.dir or str(Path(self.cfg.checkpoint.dir) / "logs")
-        self.writer = MetricsWriter(log_dir, lg.tensorboard, lg.wandb_project, self.cfg.to_dict(),
-                                    truncate_after=trainer.state.iteration)
+        self.writer = MetricsWriter(
+            log_dir, lg.tensorboard, lg.wandb_project, self.cfg.to_dict(), truncate_after=trainer.state.iteration
+        )
 
     def log_metrics(self, trainer, step: int, metrics: Dict[str, Optional[float]], split: str = "train") -> None:
         if self.writer is not None:

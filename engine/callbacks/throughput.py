@@ -1,5 +1,6 @@
 """Per-step figures measured around the step: time, tokens per second, MFU, peak memory, and
 the realised share of each data source."""
+
 from __future__ import annotations
 
 import time
@@ -26,8 +27,9 @@ class ThroughputCallback(Callback):
         from engine.precision import mfu_precision
 
         cfg = trainer.cfg
-        self.tokens_per_step = (cfg.training.global_batch_size * trainer.objective.sequences_per_sample
-                                * cfg.data.seq_length)
+        self.tokens_per_step = (
+            cfg.training.global_batch_size * trainer.objective.sequences_per_sample * cfg.data.seq_length
+        )
         self.world = trainer.env.world_size
         self.gpu = self.gpu_override or detect_gpu()
         self.flops_token = cfg.model.flops_per_token(cfg.data.seq_length)
@@ -41,8 +43,12 @@ class ThroughputCallback(Callback):
             torch.cuda.synchronize()  # the step's kernels belong to its time
         elapsed = time.perf_counter() - self._start
         per_gpu = self.tokens_per_step / elapsed / self.world
-        metrics.update(step_time=elapsed, tokens_per_s=self.tokens_per_step / elapsed,
-                       tokens_per_s_per_gpu=per_gpu, peak_mem_gib=peak_memory_gib())
+        metrics.update(
+            step_time=elapsed,
+            tokens_per_s=self.tokens_per_step / elapsed,
+            tokens_per_s_per_gpu=per_gpu,
+            peak_mem_gib=peak_memory_gib(),
+        )
         metrics["mfu"] = mfu(per_gpu, self.flops_token, self.gpu, self.precision)
 
 

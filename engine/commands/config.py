@@ -1,5 +1,6 @@
 """`python -m engine config CONFIG [overrides]`: resolve, validate and print a config.
 `python -m engine config --reference`: every key with its type, default and meaning."""
+
 from __future__ import annotations
 
 import argparse
@@ -14,7 +15,11 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     p.add_argument("--reference", action="store_true", help="print every key, type, default and meaning (Markdown)")
     p.add_argument("--world-size", type=int, default=1, help="validate the layout for this many ranks")
-    p.add_argument("--update-readme", metavar="README", help="rewrite the reference between the config-reference markers of this file")
+    p.add_argument(
+        "--update-readme",
+        metavar="README",
+        help="rewrite the reference between the config-reference markers of this file",
+    )
     p.set_defaults(func=run)
 
 

@@ -1,4 +1,5 @@
 """`python -m engine info PRESET_OR_CONFIG`: parameter counts and FLOPs from the built model."""
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,7 @@ def check_target(target: str) -> None:
         return
     close = difflib.get_close_matches(target, list(PRESETS), n=2, cutoff=0.5)
     hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    raise ConfigError(f"'{target}' is neither a model preset nor a config file.{hint} "
-                      f"Presets: {', '.join(PRESETS)}")
+    raise ConfigError(f"'{target}' is neither a model preset nor a config file.{hint} Presets: {', '.join(PRESETS)}")
 
 
 def model_info(cfg: Config) -> dict:
@@ -40,7 +40,9 @@ def model_info(cfg: Config) -> dict:
     from models.build import build_gpt_chunks, count_parameters
     from parallel.setup import init_distributed, init_model_parallel
 
-    single = dataclasses.replace(cfg, parallel=ParallelConfig(), training=dataclasses.replace(cfg.training, recompute="none"))
+    single = dataclasses.replace(
+        cfg, parallel=ParallelConfig(), training=dataclasses.replace(cfg.training, recompute="none")
+    )
     init_distributed(single.parallel)
     init_model_parallel(single.parallel, seed=0)
     with torch.device("meta"):
@@ -70,9 +72,11 @@ def run(args: argparse.Namespace) -> int:
     finally:
         shutdown()
     m = cfg.model
-    print(f"model {m.preset or '(custom)'}: {m.num_layers} layers, hidden {m.hidden_size}, "
-          f"{m.num_attention_heads} heads / {m.query_groups} KV, "
-          f"vocab {m.vocab_size}" + (f", {m.num_experts} experts top-{m.moe_router_topk}" if m.num_experts else ""))
+    print(
+        f"model {m.preset or '(custom)'}: {m.num_layers} layers, hidden {m.hidden_size}, "
+        f"{m.num_attention_heads} heads / {m.query_groups} KV, "
+        f"vocab {m.vocab_size}" + (f", {m.num_experts} experts top-{m.moe_router_topk}" if m.num_experts else "")
+    )
     print(f"parameters: total {info['total']:,} ({info['total'] / 1e9:.3f}B)")
     print(f"parameters: active per token {info['active']:,} ({info['active'] / 1e9:.3f}B)")
     print(f"parameters: embedding/output {info['embedding']:,}")

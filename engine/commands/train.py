@@ -1,4 +1,5 @@
 """`python -m engine train CONFIG.yaml [dotted.key=value ...]`."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,11 +9,16 @@ import signal
 
 def register(subparsers) -> None:
     """Add the ``train`` sub-command."""
-    p = subparsers.add_parser("train", help="train a model (start with torchrun for several ranks)",
-                              description="Train a megatron-core GPT model from a YAML config.")
+    p = subparsers.add_parser(
+        "train",
+        help="train a model (start with torchrun for several ranks)",
+        description="Train a megatron-core GPT model from a YAML config.",
+    )
     p.add_argument("config", help="YAML config file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value overrides, e.g. training.steps=10")
-    p.add_argument("--resume", action="store_true", help="resume from the newest complete checkpoint (checkpoint.resume=true)")
+    p.add_argument(
+        "--resume", action="store_true", help="resume from the newest complete checkpoint (checkpoint.resume=true)"
+    )
     p.set_defaults(func=run)
 
 

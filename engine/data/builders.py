@@ -5,6 +5,7 @@ train and validation datasets (index-addressable, deterministic, yielding dicts 
 objective's ``forward_step`` understands) and the names of the blended sources, whose
 realised token shares the loop logs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,16 +55,20 @@ def build_training_data(kind: str, cfg: Config, train_samples: int, valid_sample
 def _chat_data(cfg: Config, kind: str):
     """The ``ChatIndexed`` of the single data path, checked against the config's template."""
     if len(cfg.data.paths) != 1:
-        raise ConfigError(f"objective {cfg.objective.name!r} reads exactly one {kind} dataset in data.paths "
-                          f"(got {len(cfg.data.paths)}); merge them with `python -m engine data merge`")
+        raise ConfigError(
+            f"objective {cfg.objective.name!r} reads exactly one {kind} dataset in data.paths "
+            f"(got {len(cfg.data.paths)}); merge them with `python -m engine data merge`"
+        )
     try:
         data = ChatIndexed(cfg.data.paths[0], kind)
     except (ValueError, FileNotFoundError) as exc:
         raise ConfigError(str(exc)) from None
     want = get_chat_template(cfg.data.chat_template)
     if data.meta.get("chat_template_fingerprint") != want.fingerprint:
-        raise ConfigError(f"{cfg.data.paths[0]} was written with chat template "
-                          f"{data.meta.get('chat_template')!r} but data.chat_template is {cfg.data.chat_template!r}")
+        raise ConfigError(
+            f"{cfg.data.paths[0]} was written with chat template "
+            f"{data.meta.get('chat_template')!r} but data.chat_template is {cfg.data.chat_template!r}"
+        )
     return data
 
 
@@ -95,12 +100,18 @@ def build_sft_data(cfg: Config, train_samples: int, valid_samples: int) -> Train
         return TrainingData(sft, valid, [name])
     source = interleave(sft.loss_tokens, d.seq_length, d.replay_ratio, train_samples, d.replay_by)
     num_replay = int(source.sum())
-    replay_cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-        d, paths=list(d.replay_paths), weights=list(d.replay_weights) if d.replay_weights else None))
+    replay_cfg = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            d, paths=list(d.replay_paths), weights=list(d.replay_weights) if d.replay_weights else None
+        ),
+    )
     replay, _, _ = gpt_data.build_datasets(replay_cfg, max(num_replay, 1), 0)
     mixture = ReplayMixture(sft, replay, source, len(d.replay_paths))
-    print_rank0(f"replay: {d.replay_ratio:.0%} of training by {'loss tokens' if d.replay_by == 'tokens' else 'samples'} "
-                f"from {', '.join(d.replay_paths)} ({num_replay} of {train_samples} samples replayed)")
+    print_rank0(
+        f"replay: {d.replay_ratio:.0%} of training by {'loss tokens' if d.replay_by == 'tokens' else 'samples'} "
+        f"from {', '.join(d.replay_paths)} ({num_replay} of {train_samples} samples replayed)"
+    )
     return TrainingData(mixture, valid, [name] + replay_names(gpt_data.dataset_names(replay)))
 
 

@@ -17,6 +17,7 @@ term with ``objective.orpo.nll_includes_prompt``), 0 none.
 Tokens and masks being ordinary indexed datasets, ``data inspect`` and megatron-core's
 readers work on both files; a training sample is addressed by document index.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,8 +85,10 @@ class ChatIndexed:
         meta = read_sidecar(prefix)
         if meta is None or meta.get("kind") != kind:
             got = None if meta is None else meta.get("kind")
-            raise ValueError(f"{prefix} is not {kind} data (sidecar kind {got!r}); "
-                             f"write it with `python -m engine preprocess --kind {kind}`")
+            raise ValueError(
+                f"{prefix} is not {kind} data (sidecar kind {got!r}); "
+                f"write it with `python -m engine preprocess --kind {kind}`"
+            )
         if not Path(mask_prefix(prefix) + ".idx").exists():
             raise ValueError(f"{prefix}: loss mask {mask_prefix(prefix)}.bin/.idx is missing")
         self.meta = meta

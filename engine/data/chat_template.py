@@ -26,6 +26,7 @@ Templates:
     rendering growing prefixes of the conversation, so the template must render a prefix
     of the conversation as a prefix of the text.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -124,14 +125,19 @@ class ChatMLTemplate(ChatTemplate):
         return segs
 
     def to_jinja(self) -> str:
-        return ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+        return (
+            "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+        )
 
 
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.\n\n")
-ALPACA_PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides "
-                         "further context. Write a response that appropriately completes the request.\n\n")
+ALPACA_PREAMBLE = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+)
+ALPACA_PREAMBLE_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides "
+    "further context. Write a response that appropriately completes the request.\n\n"
+)
 
 
 class AlpacaTemplate(ChatTemplate):
@@ -167,11 +173,13 @@ class AlpacaTemplate(ChatTemplate):
         return segs
 
     def to_jinja(self) -> str:
-        return ("{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
-                "{% else %}" + ALPACA_PREAMBLE.replace("\n", "\\n").join(["{{ '", "' }}"]) + "{% endif %}"
-                "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
-                "### Response:\n{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}\n\n"
-                "{% endif %}{% endfor %}")
+        return (
+            "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
+            "{% else %}" + ALPACA_PREAMBLE.replace("\n", "\\n").join(["{{ '", "' }}"]) + "{% endif %}"
+            "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}\n\n"
+            "### Response:\n{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}\n\n"
+            "{% endif %}{% endfor %}"
+        )
 
 
 class JinjaTemplate(ChatTemplate):
@@ -193,8 +201,9 @@ class JinjaTemplate(ChatTemplate):
         return cls(p.read_text(encoding="utf-8"), name=f"jinja:{p.name}")
 
     def _render(self, messages, add_generation_prompt):
-        return self._template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                     eos_token="", bos_token="")
+        return self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token="", bos_token=""
+        )
 
     def segments(self, messages, add_generation_prompt=False):
         messages = check_messages(messages)
@@ -206,24 +215,27 @@ class JinjaTemplate(ChatTemplate):
                 head = self._render(messages[:i], True) if i else self._render([], True)
                 if not (head.startswith(done) and full.startswith(head)):
                     raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
-                segs.append(Segment(head[len(done):]))
-                body = full[len(head):]
+                segs.append(Segment(head[len(done) :]))
+                body = full[len(head) :]
                 # Whitespace after the end-of-turn marker separates turns: not trained on.
                 segs.append(Segment(body.rstrip(), loss=True))
-                segs.append(Segment(body[len(body.rstrip()):]))
+                segs.append(Segment(body[len(body.rstrip()) :]))
             else:
                 if not full.startswith(done):
                     raise ChatTemplateError(f"{self.name}: rendering is not prefix-stable at message {i}")
-                part = full[len(done):]
+                part = full[len(done) :]
                 at = part.rfind(m["content"]) if m["content"] else -1
                 if at < 0:
                     segs.append(Segment(part))
                 else:  # only the content itself may be truncated, never the template's markers
-                    segs += [Segment(part[:at]), Segment(m["content"], truncatable=True),
-                             Segment(part[at + len(m["content"]):])]
+                    segs += [
+                        Segment(part[:at]),
+                        Segment(m["content"], truncatable=True),
+                        Segment(part[at + len(m["content"]) :]),
+                    ]
             done = full
         if add_generation_prompt:
-            segs.append(Segment(self._render(messages, True)[len(done):]))
+            segs.append(Segment(self._render(messages, True)[len(done) :]))
         else:
             segs.append(Segment("", loss=messages[-1]["role"] == "assistant", eos=True))
         return [s for s in segs if s.text or s.eos]

@@ -6,6 +6,7 @@ datasets are deterministic functions of (files, split, seed, sequence length), s
 run with the same integer sees exactly the batches the uninterrupted run would have seen,
 whatever the world size.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -35,8 +36,13 @@ class TokenIds:
     @property
     def unique_identifiers(self) -> Dict[str, object]:
         """Part of megatron-core's dataset cache key: a changed tokenizer rebuilds the indices."""
-        return {"class": "TokenIds", "eod": self.eod, "pad": self.pad,
-                "vocab_size": self.vocab_size, "sha256": self.sha256}
+        return {
+            "class": "TokenIds",
+            "eod": self.eod,
+            "pad": self.pad,
+            "vocab_size": self.vocab_size,
+            "sha256": self.sha256,
+        }
 
 
 def token_ids(cfg: Config) -> TokenIds:
@@ -57,7 +63,7 @@ def _split_fractions(split: str) -> List[float]:
     try:
         parts = [float(x) for x in split.replace("/", ",").split(",")]
     except ValueError:
-        raise ConfigError(f"data.split '{split}' must be numbers separated by commas, e.g. 98,1,1")
+        raise ConfigError(f"data.split '{split}' must be numbers separated by commas, e.g. 98,1,1") from None
     parts = (parts + [0.0, 0.0, 0.0])[:3]
     if any(p < 0 for p in parts) or sum(parts) <= 0:
         raise ConfigError(f"data.split '{split}' must be non-negative with a positive sum")
@@ -147,8 +153,10 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_sam
         if bounds is None:
             out.append(None)
             continue
-        chains = [EpochChain(cls, low, p, _split_indices(cls.numel_low_level_dataset(low), bounds),
-                             split_id, ds_config) for p, low in zip(prefixes, lows)]
+        chains = [
+            EpochChain(cls, low, p, _split_indices(cls.numel_low_level_dataset(low), bounds), split_id, ds_config)
+            for p, low in zip(prefixes, lows)
+        ]
         if len(chains) == 1:
             chains[0].extend(size)
             out.append(chains[0])
@@ -181,8 +189,7 @@ class EpochChain(torch.utils.data.Dataset):
     ``i`` is therefore the same whatever total is requested. Each epoch drops its last partial
     sequence (fewer than ``seq_length`` tokens) instead of continuing it into the next."""
 
-    def __init__(self, cls, low_level, dataset_path: Optional[str], indices: np.ndarray, split_id: int,
-                 config) -> None:
+    def __init__(self, cls, low_level, dataset_path: Optional[str], indices: np.ndarray, split_id: int, config) -> None:
         from megatron.core.datasets.utils import Split
 
         self.cls, self.low_level, self.dataset_path, self.indices = cls, low_level, dataset_path, indices
@@ -193,8 +200,11 @@ class EpochChain(torch.utils.data.Dataset):
         self._add_epoch()
         # BlendedDataset keys its cache on this; the first epoch's identifiers name the data,
         # split, seed and length, "epochs" the rule that derives the later ones.
-        self.unique_identifiers = {"class": "EpochChain", "epochs": "one-epoch GPTDatasets, seed epoch_seed(seed, e)",
-                                   "first_epoch": self.epochs[0].unique_identifiers}
+        self.unique_identifiers = {
+            "class": "EpochChain",
+            "epochs": "one-epoch GPTDatasets, seed epoch_seed(seed, e)",
+            "first_epoch": self.epochs[0].unique_identifiers,
+        }
 
     def _add_epoch(self) -> None:
         import dataclasses
@@ -202,12 +212,23 @@ class EpochChain(torch.utils.data.Dataset):
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 
         e = len(self.epochs)
-        config = self.config if e == 0 else dataclasses.replace(
-            self.config, random_seed=epoch_seed(self.config.random_seed, e))
+        config = (
+            self.config
+            if e == 0
+            else dataclasses.replace(self.config, random_seed=epoch_seed(self.config.random_seed, e))
+        )
         # build_generic_dataset: rank 0 writes the index cache, the others read it after a barrier.
         ds = BlendedMegatronDatasetBuilder.build_generic_dataset(
-            self.cls, lambda: True, True, self.low_level, self.dataset_path, self.indices, None,
-            self.index_split, config)
+            self.cls,
+            lambda: True,
+            True,
+            self.low_level,
+            self.dataset_path,
+            self.indices,
+            None,
+            self.index_split,
+            config,
+        )
         self.epochs.append(ds)
         self.ends.append((self.ends[-1] if self.ends else 0) + len(ds))
 
@@ -219,8 +240,10 @@ class EpochChain(torch.utils.data.Dataset):
     def extend(self, num_samples: int) -> None:
         """Build epochs until at least ``num_samples`` samples exist (collective on every rank)."""
         if num_samples > 0 and self.epoch_length == 0:
-            raise ConfigError(f"the {self.index_split.name} split of {self.dataset_path or 'the mock data'} "
-                              f"holds no sequence of data.seq_length tokens")
+            raise ConfigError(
+                f"the {self.index_split.name} split of {self.dataset_path or 'the mock data'} "
+                f"holds no sequence of data.seq_length tokens"
+            )
         while self.ends[-1] < num_samples:
             self._add_epoch()
 
@@ -251,8 +274,9 @@ def _blend(chains: List[EpochChain], weights: Optional[Sequence[float]], size: i
     helpers.build_blending_indices(index, np.zeros(size, dtype=np.int64), normalize(w), len(chains), size, False)
     for chain, count in zip(chains, np.bincount(index, minlength=len(chains)).tolist()):
         chain.extend(count)
-    return BlendedMegatronDatasetBuilder.build_generic_dataset(BlendedDataset, lambda: True, True, chains, w, size,
-                                                               config)
+    return BlendedMegatronDatasetBuilder.build_generic_dataset(
+        BlendedDataset, lambda: True, True, chains, w, size, config
+    )
 
 
 class MicroBatchSampler:
@@ -289,13 +313,19 @@ def _collate(samples: List[Dict]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def micro_batches(dataset, sampler: MicroBatchSampler, num_workers: int = 0,
-                  device: torch.device = torch.device("cpu")) -> Iterator[Dict[str, torch.Tensor]]:
-    """Iterator of collated micro-batches (dicts of tensors on ``device``) in sampler order."""
+def micro_batches(
+    dataset, sampler: MicroBatchSampler, num_workers: int = 0, device: Optional[torch.device] = None
+) -> Iterator[Dict[str, torch.Tensor]]:
+    """Iterator of collated micro-batches (dicts of tensors on ``device``, default CPU) in sampler order."""
+    device = device or torch.device("cpu")
     on_gpu = device.type == "cuda"
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=num_workers, collate_fn=_collate,
-        persistent_workers=num_workers > 0, pin_memory=on_gpu,
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        persistent_workers=num_workers > 0,
+        pin_memory=on_gpu,
     )
     if not on_gpu:
         return iter(loader)

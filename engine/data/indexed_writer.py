@@ -5,6 +5,7 @@ Data goes to ``PREFIX.bin.partial`` / ``PREFIX.idx.partial`` through megatron-co
 them to their final names, the sidecar last: a run that dies at any point leaves only
 ``*.partial`` files, never a ``.bin/.idx`` that looks complete.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """`data inspect`: statistics of an indexed dataset and a few decoded documents."""
+
 from __future__ import annotations
 
 import os
@@ -45,9 +46,17 @@ def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int 
         "documents": int(len(doc_lens)),
         "sequences": int(len(seq_lens)),
         "tokens": int(seq_lens.sum()),
-        "doc_tokens": ({"min": int(doc_lens.min()), "mean": round(float(doc_lens.mean()), 1),
-                        "p50": int(numpy.percentile(doc_lens, 50)), "p99": int(numpy.percentile(doc_lens, 99)),
-                        "max": int(doc_lens.max())} if len(doc_lens) else None),
+        "doc_tokens": (
+            {
+                "min": int(doc_lens.min()),
+                "mean": round(float(doc_lens.mean()), 1),
+                "p50": int(numpy.percentile(doc_lens, 50)),
+                "p99": int(numpy.percentile(doc_lens, 99)),
+                "max": int(doc_lens.max()),
+            }
+            if len(doc_lens)
+            else None
+        ),
         "sidecar": bool(sidecar),
         "problems": [],
         "warnings": [],
@@ -68,8 +77,9 @@ def inspect_dataset(prefix: str, tokenizer: Optional[str] = None, num_docs: int 
             tok = load_tokenizer(tok_path)
         else:
             where = f"the sidecar's tokenizer {tok_path} does not exist" if tok_path else "no tokenizer is known"
-            stats["warnings"].append(f"{where}; the end-of-document check and the decoded samples "
-                                     f"were skipped (pass --tokenizer)")
+            stats["warnings"].append(
+                f"{where}; the end-of-document check and the decoded samples were skipped (pass --tokenizer)"
+            )
     samples = []
     if tok is not None:
         want = (sidecar.get("tokenizer") or {}).get("sha256")
@@ -101,13 +111,17 @@ def format_inspection(stats: dict, sidecar: Optional[dict] = None) -> str:
     ]
     if stats["doc_tokens"]:
         d = stats["doc_tokens"]
-        lines.append(f"  tokens/document: min {d['min']}  mean {d['mean']}  p50 {d['p50']}  p99 {d['p99']}  max {d['max']}")
+        lines.append(
+            f"  tokens/document: min {d['min']}  mean {d['mean']}  p50 {d['p50']}  p99 {d['p99']}  max {d['max']}"
+        )
     if "documents_without_final_eod" in stats:
         lines.append(f"  documents without a final EOD: {stats['documents_without_final_eod']}")
     if sidecar:
         tok = sidecar.get("tokenizer") or {}
-        lines.append(f"  tokenizer sha256 {str(tok.get('sha256'))[:16]}  vocab {tok.get('vocab_size')}  "
-                     f"skipped records {sidecar.get('skipped_total', 0)}  tool {sidecar.get('tool')}")
+        lines.append(
+            f"  tokenizer sha256 {str(tok.get('sha256'))[:16]}  vocab {tok.get('vocab_size')}  "
+            f"skipped records {sidecar.get('skipped_total', 0)}  tool {sidecar.get('tool')}"
+        )
     for p in stats["problems"]:
         lines.append(f"  PROBLEM: {p}")
     for w in stats.get("warnings", []):

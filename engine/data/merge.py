@@ -5,6 +5,7 @@ different tokenizers or dtypes, since their token ids would not mean the same th
 inputs of different kinds (pretraining, SFT, preference), whose documents differ in shape.
 SFT and preference data are merged with their loss masks.
 """
+
 from __future__ import annotations
 
 import time
@@ -42,8 +43,9 @@ def _check_chat_inputs(prefixes: Sequence[str], sidecars: Sequence[dict]) -> Non
     for key in ("chat_template_fingerprint", "seq_length"):
         values = {str(s.get(key)) for s in sidecars}
         if len(values) > 1:
-            raise MergeError(f"inputs differ in {key}: " + ", ".join(f"{p} has {s.get(key)}"
-                                                                    for p, s in zip(prefixes, sidecars)))
+            raise MergeError(
+                f"inputs differ in {key}: " + ", ".join(f"{p} has {s.get(key)}" for p, s in zip(prefixes, sidecars))
+            )
 
 
 def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
@@ -74,15 +76,17 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
     # Data without a sidecar (megatron-core's own tools) is pretraining data.
     kinds = [s.get("kind", "pretrain") for s in sidecars]
     if len(set(kinds)) > 1:
-        raise MergeError("inputs are different kinds of data: "
-                         + ", ".join(f"{p} is {k}" for p, k in zip(prefixes, kinds)))
+        raise MergeError(
+            "inputs are different kinds of data: " + ", ".join(f"{p} is {k}" for p, k in zip(prefixes, kinds))
+        )
     kind = kinds[0]
     if kind in CHAT_KINDS:
         _check_chat_inputs(prefixes, sidecars)
     maxima = [s.get("max_token_id") for s in sidecars]
     if any(m is None for m in maxima):  # older sidecars: scan those inputs once now
-        maxima = [m if m is not None else scan_max_token_id(p, ds.index.dtype)
-                  for p, m, ds in zip(prefixes, maxima, datasets)]
+        maxima = [
+            m if m is not None else scan_max_token_id(p, ds.index.dtype) for p, m, ds in zip(prefixes, maxima, datasets)
+        ]
 
     documents = sum(len(ds.document_indices) - 1 for ds in datasets)
     tokens = sum(int(ds.sequence_lengths.sum()) for ds in datasets)
@@ -120,8 +124,10 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
             "max_token_id": max(maxima),
             "eod_per_document": bool(sidecars) and all(s.get("eod_per_document", False) for s in sidecars),
             "shard": None,
-            "merged_from": [{"prefix": p, "documents": s.get("documents"), "tokens": s.get("tokens")}
-                            for p, s in zip(prefixes, sidecars)],
+            "merged_from": [
+                {"prefix": p, "documents": s.get("documents"), "tokens": s.get("tokens")}
+                for p, s in zip(prefixes, sidecars)
+            ],
             "source_files": sources,
             "skipped": skipped,
             "skipped_total": sum(skipped.values()),

@@ -8,6 +8,7 @@ row ``[1, b*s]`` (THD has no batch dimension: megatron-core squeezes it before a
 with ``cu_seqlens`` marking every segment, so attention and RoPE positions stay inside each
 conversation, on TransformerEngine's fused attention and on ``models/attention.py`` alike.
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -33,7 +34,8 @@ def thd_micro_batch(batch: Dict[str, torch.Tensor]):
     pos = batch["position_ids"]
     cu = segment_cu_seqlens(pos)
     max_len = int((cu[1:] - cu[:-1]).max())
-    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                             max_seqlen_q=max_len, max_seqlen_kv=max_len)
+    params = PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=max_len, max_seqlen_kv=max_len
+    )
     flat = (batch[k].reshape(1, -1) for k in ("tokens", "labels", "position_ids"))
     return (*flat, params)

@@ -8,6 +8,7 @@ It holds ``[2, seq_length]`` tensors (row 0 chosen, row 1 rejected), so one micr
 tokens (ORPO's NLL term with the prompt included), ``pair_index`` the pair's document in
 the prefix (where DPO looks up its stored reference log-probabilities).
 """
+
 from __future__ import annotations
 
 from typing import Dict
@@ -23,14 +24,25 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     ``shuffle=False`` reads the pairs in order (the reference log-probability pass)."""
 
-    def __init__(self, data: ChatIndexed, lo: int, hi: int, seq_length: int, num_samples: int,
-                 seed: int, pad_id: int, shuffle: bool = True) -> None:
+    def __init__(
+        self,
+        data: ChatIndexed,
+        lo: int,
+        hi: int,
+        seq_length: int,
+        num_samples: int,
+        seed: int,
+        pad_id: int,
+        shuffle: bool = True,
+    ) -> None:
         if hi <= lo:
             raise ValueError(f"{data.prefix}: the split holds no pairs")
         longest = int(data.seq_lengths.max()) - 1
         if longest > seq_length:
-            raise ValueError(f"{data.prefix} holds a sequence of {longest + 1} tokens, longer than "
-                             f"data.seq_length + 1 = {seq_length + 1}; preprocess it with --seq-length {seq_length}")
+            raise ValueError(
+                f"{data.prefix} holds a sequence of {longest + 1} tokens, longer than "
+                f"data.seq_length + 1 = {seq_length + 1}; preprocess it with --seq-length {seq_length}"
+            )
         self.data, self.lo, self.hi = data, lo, hi
         self.seq_length, self.num_samples, self.seed = seq_length, num_samples, seed
         self.pad_id, self.shuffle = pad_id, shuffle
@@ -62,6 +74,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
             loss_mask[row, :n] = mask[1:] == RESPONSE
             nll_mask[row, :n] = mask[1:] > 0
         position_ids = np.broadcast_to(np.arange(s, dtype=np.int64), (2, s)).copy()
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask), "nll_mask": torch.from_numpy(nll_mask),
-                "position_ids": torch.from_numpy(position_ids), "pair_index": pair}
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "nll_mask": torch.from_numpy(nll_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "pair_index": pair,
+        }

@@ -7,6 +7,7 @@ the main process writes the results in input order. At most
 input size. Outputs are written under
 ``*.partial`` names and renamed only when the whole run succeeded (:mod:`indexed_writer`).
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,8 +23,8 @@ import numpy
 
 from engine.data import readers
 from engine.data.indexed_writer import IndexedWriter, token_dtype
-from engine.data.preprocess_common import PreprocessError, tool_version
 from engine.data.preprocess_chat import preprocess_chat
+from engine.data.preprocess_common import PreprocessError, tool_version
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 
 KINDS = ("pretrain", "sft", "preference")  # sft / preference: engine/data/preprocess_chat.py
@@ -51,11 +52,13 @@ class ChunkResult:
 _WORKER: dict = {}
 
 
-def _init_worker(tokenizer: Tokenizer, dtype, skip_bad: bool, crash_after: Optional[int],
-                 in_process: bool = False) -> None:
+def _init_worker(
+    tokenizer: Tokenizer, dtype, skip_bad: bool, crash_after: Optional[int], in_process: bool = False
+) -> None:
     """Per-process state; ``crash_after`` kills the worker after N chunks (tests only)."""
-    _WORKER.update(tokenizer=tokenizer, dtype=dtype, skip_bad=skip_bad, crash_after=crash_after,
-                   in_process=in_process, done=0)
+    _WORKER.update(
+        tokenizer=tokenizer, dtype=dtype, skip_bad=skip_bad, crash_after=crash_after, in_process=in_process, done=0
+    )
 
 
 def encode_chunk(chunk: readers.RawChunk) -> ChunkResult:
@@ -86,16 +89,14 @@ def encode_chunk(chunk: readers.RawChunk) -> ChunkResult:
     pos = 0
     for ids in encoded:
         n = len(ids)
-        tokens[pos:pos + n] = ids
+        tokens[pos : pos + n] = ids
         tokens[pos + n] = tok.eod
         pos += n + 1
     return ChunkResult(tokens, lengths, chunk.nbytes, skipped, examples)
 
 
 # --- main side --------------------------------------------------------------------------
-def _ordered_results(
-    chunks: Iterator[readers.RawChunk], workers: int, initargs: tuple
-) -> Iterator[ChunkResult]:
+def _ordered_results(chunks: Iterator[readers.RawChunk], workers: int, initargs: tuple) -> Iterator[ChunkResult]:
     """Encode chunks in order with a bounded number in flight."""
     if workers <= 1:
         _init_worker(*initargs, in_process=True)
@@ -106,9 +107,10 @@ def _ordered_results(
 
     # spawn: workers never inherit the parent's threads or open files.
     ctx = multiprocessing.get_context("spawn")
-    with _environ(_WORKER_THREAD_ENV), ProcessPoolExecutor(
-        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=initargs
-    ) as pool:
+    with (
+        _environ(_WORKER_THREAD_ENV),
+        ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=initargs) as pool,
+    ):
         pending: collections.deque = collections.deque()
         try:
             for chunk in chunks:
@@ -167,9 +169,15 @@ def preprocess(
     if kind not in KINDS:
         raise ValueError(f"--kind {kind!r} is not supported yet (supported: {', '.join(KINDS)})")
     if kind != "pretrain":
-
-        return preprocess_chat(inputs, tokenizer, output_prefix, kind, chat_template=chat_template,
-                               seq_length=seq_length, skip_bad=skip_bad)
+        return preprocess_chat(
+            inputs,
+            tokenizer,
+            output_prefix,
+            kind,
+            chat_template=chat_template,
+            seq_length=seq_length,
+            skip_bad=skip_bad,
+        )
     if shard_docs < 0:
         raise ValueError("--shard-docs must be >= 0")
     files = readers.expand_inputs(inputs)
@@ -203,7 +211,7 @@ def preprocess(
                 if shard_docs and writer.documents >= shard_docs:
                     writer.finalize()
                     writer = new_writer()
-                writer.add_document(result.tokens[pos:pos + length])
+                writer.add_document(result.tokens[pos : pos + length])
                 pos += length
             docs += len(result.lengths)
             toks += len(result.tokens)
@@ -216,11 +224,17 @@ def preprocess(
             raise PreprocessError(f"no documents in {', '.join(map(str, files))}")
         elapsed = time.time() - started
         summary = {
-            "documents": docs, "tokens": toks, "input_bytes": nbytes, "seconds": round(elapsed, 3),
-            "skipped": skipped, "prefixes": [w.prefix for w in writers],
+            "documents": docs,
+            "tokens": toks,
+            "input_bytes": nbytes,
+            "seconds": round(elapsed, 3),
+            "skipped": skipped,
+            "prefixes": [w.prefix for w in writers],
         }
         for i, w in enumerate(writers):
-            w.commit(_sidecar(w, i, len(writers), bool(shard_docs), tok, files, json_key, kind, workers, summary, examples))
+            w.commit(
+                _sidecar(w, i, len(writers), bool(shard_docs), tok, files, json_key, kind, workers, summary, examples)
+            )
         return summary
     except BaseException:
         # Includes KeyboardInterrupt and a broken worker pool: remove every partial file.
@@ -249,25 +263,45 @@ def _abspath(path) -> str:
     return os.path.abspath(path) if path else ""
 
 
-def _sidecar(writer: IndexedWriter, index: int, count: int, sharded: bool, tok: Tokenizer, files,
-             json_key: str, kind: str, workers: int, summary: dict, examples: List[str]) -> dict:
+def _sidecar(
+    writer: IndexedWriter,
+    index: int,
+    count: int,
+    sharded: bool,
+    tok: Tokenizer,
+    files,
+    json_key: str,
+    kind: str,
+    workers: int,
+    summary: dict,
+    examples: List[str],
+) -> dict:
     """Metadata stored next to one output prefix."""
     return {
         "format_version": 1,
         "tool": tool_version(),
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size,
-                      "trained_vocab_size": tok.trained_vocab_size, "eod": tok.eod,
-                      "path": _abspath(getattr(tok, "path", ""))},
+        "tokenizer": {
+            "sha256": tok.sha256,
+            "vocab_size": tok.vocab_size,
+            "trained_vocab_size": tok.trained_vocab_size,
+            "eod": tok.eod,
+            "path": _abspath(getattr(tok, "path", "")),
+        },
         "dtype": numpy.dtype(writer.dtype).name,
         "documents": writer.documents,
         "tokens": writer.tokens,
         "max_token_id": writer.max_token_id,
         "eod_per_document": True,
         "shard": {"index": index, "count": count} if sharded else None,
-        "run": {"documents": summary["documents"], "tokens": summary["tokens"],
-                "input_bytes": summary["input_bytes"], "seconds": summary["seconds"], "workers": workers},
+        "run": {
+            "documents": summary["documents"],
+            "tokens": summary["tokens"],
+            "input_bytes": summary["input_bytes"],
+            "seconds": summary["seconds"],
+            "workers": workers,
+        },
         "json_key": json_key,
         "source_files": [{"path": str(f), "bytes": os.path.getsize(f)} for f in files],
         "skipped": dict(summary["skipped"]),

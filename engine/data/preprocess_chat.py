@@ -14,6 +14,7 @@ whose responses alone do not fit is dropped and counted (``too_long``), as are r
 with an empty response (``empty_response``, the ORPO NaN of the seed run) or a wrong shape
 (``bad_record``, an error unless ``--skip-bad``). Layout on disk: :mod:`engine.data.chat_data`.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def sft_messages(rec: Dict) -> List[Dict]:
         if rec.get("input"):
             user["input"] = str(rec["input"])
         msgs = ([{"role": "system", "content": rec["system"]}] if rec.get("system") else []) + [
-            user, {"role": "assistant", "content": str(rec["output"])}]
+            user,
+            {"role": "assistant", "content": str(rec["output"])},
+        ]
     else:
         raise SkipRecord("bad_record", "neither 'messages' nor Alpaca 'instruction'/'output' fields")
     if not isinstance(msgs, list) or not any(isinstance(m, dict) and m.get("role") == "assistant" for m in msgs):
@@ -139,7 +142,7 @@ def encode_preference(template: ChatTemplate, tok, rec: Dict, limit: int):
             full = template.encode(tok, prompt_msgs + [{"role": "assistant", "content": text}])
             if [p for p, _, _ in full[: len(prompt)]] != [p for p, _, _ in prompt]:
                 raise ChatTemplateError("the generation prompt is not a prefix of the conversation")
-            responses.append([(ids, loss, False) for ids, loss, _ in full[len(prompt):]])
+            responses.append([(ids, loss, False) for ids, loss, _ in full[len(prompt) :]])
     except ChatTemplateError as exc:
         raise SkipRecord("bad_record", str(exc)) from None
     prompt_len = sum(len(p) for p, _, _ in prompt)
@@ -156,8 +159,15 @@ def encode_preference(template: ChatTemplate, tok, rec: Dict, limit: int):
 
 
 # --- the run ------------------------------------------------------------------------------
-def preprocess_chat(inputs: Sequence[str], tokenizer: str, output_prefix: str, kind: str,
-                    chat_template: str = "chatml", seq_length: int = 2048, skip_bad: bool = False) -> dict:
+def preprocess_chat(
+    inputs: Sequence[str],
+    tokenizer: str,
+    output_prefix: str,
+    kind: str,
+    chat_template: str = "chatml",
+    seq_length: int = 2048,
+    skip_bad: bool = False,
+) -> dict:
     """Tokenize JSONL ``inputs`` into ``output_prefix`` (+ ``_lossmask``); returns a summary."""
     if seq_length < 2:
         raise ValueError("--seq-length must be >= 2")
@@ -190,7 +200,9 @@ def preprocess_chat(inputs: Sequence[str], tokenizer: str, output_prefix: str, k
                             seqs, cut = encode_preference(template, tok, rec, limit)
                     except SkipRecord as exc:
                         if exc.reason == "bad_record" and not skip_bad:
-                            raise PreprocessError(f"{path}:{line_no}: {exc}  (use --skip-bad to skip bad records)")
+                            raise PreprocessError(
+                                f"{path}:{line_no}: {exc}  (use --skip-bad to skip bad records)"
+                            ) from None
                         skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
                         if len(examples) < MAX_EXAMPLES:
                             examples.append(f"{path}:{line_no}: {exc.reason}: {exc}")
@@ -202,22 +214,45 @@ def preprocess_chat(inputs: Sequence[str], tokenizer: str, output_prefix: str, k
                     loss_tokens += sum(int(v == (1 if kind == "sft" else RESPONSE)) for _, m in seqs for v in m)
         if docs == 0:
             raise PreprocessError(f"no usable records in {', '.join(map(str, files))} (skipped: {skipped})")
-        summary = {"documents": docs, "tokens": tokens, "loss_tokens": loss_tokens, "truncated": truncated,
-                   "skipped": skipped, "seconds": round(time.time() - started, 3), "prefixes": [output_prefix],
-                   "input_bytes": sum(os.path.getsize(f) for f in files)}
-        writer.commit({
-            "format_version": 1, "tool": tool_version(), "kind": kind,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "chat_template": template.name, "chat_template_fingerprint": template.fingerprint,
-            "seq_length": seq_length,
-            "tokenizer": {"sha256": tok.sha256, "vocab_size": tok.vocab_size, "eod": tok.eod,
-                          "path": os.path.abspath(tok.path) if getattr(tok, "path", "") else ""},
-            "dtype": writer.tokens.dtype.__name__ if hasattr(writer.tokens.dtype, "__name__") else str(writer.tokens.dtype),
-            "documents": docs, "sequences": writer.sequences, "tokens": tokens, "loss_tokens": loss_tokens,
-            "truncated_prompts": truncated, "skipped": skipped, "skipped_total": sum(skipped.values()),
-            "skipped_examples": examples,
-            "source_files": [str(f) for f in files],
-        })
+        summary = {
+            "documents": docs,
+            "tokens": tokens,
+            "loss_tokens": loss_tokens,
+            "truncated": truncated,
+            "skipped": skipped,
+            "seconds": round(time.time() - started, 3),
+            "prefixes": [output_prefix],
+            "input_bytes": sum(os.path.getsize(f) for f in files),
+        }
+        writer.commit(
+            {
+                "format_version": 1,
+                "tool": tool_version(),
+                "kind": kind,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "chat_template": template.name,
+                "chat_template_fingerprint": template.fingerprint,
+                "seq_length": seq_length,
+                "tokenizer": {
+                    "sha256": tok.sha256,
+                    "vocab_size": tok.vocab_size,
+                    "eod": tok.eod,
+                    "path": os.path.abspath(tok.path) if getattr(tok, "path", "") else "",
+                },
+                "dtype": writer.tokens.dtype.__name__
+                if hasattr(writer.tokens.dtype, "__name__")
+                else str(writer.tokens.dtype),
+                "documents": docs,
+                "sequences": writer.sequences,
+                "tokens": tokens,
+                "loss_tokens": loss_tokens,
+                "truncated_prompts": truncated,
+                "skipped": skipped,
+                "skipped_total": sum(skipped.values()),
+                "skipped_examples": examples,
+                "source_files": [str(f) for f in files],
+            }
+        )
     except BaseException:
         writer.abort()
         raise

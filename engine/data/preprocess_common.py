@@ -1,5 +1,6 @@
 """What the plain-text and the chat preprocessors share: their error and the tool version
 their sidecars record (its own module, so neither preprocessor imports the other's)."""
+
 from __future__ import annotations
 
 from engine import __version__

@@ -6,6 +6,7 @@ their file and line numbers; :func:`decode_record` (in the workers) turns one ra
 into text or raises :class:`BadRecord` naming the file, the line and the reason.
 :func:`iter_documents` chains both for single-process users (tokenizer training).
 """
+
 from __future__ import annotations
 
 import glob

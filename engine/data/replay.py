@@ -13,6 +13,7 @@ The interleave depends only on (data, seed, sequence length, ratio, run length),
 the world size, so consumed-samples resume stays exact. Source ids: 0 is the SFT data,
 ``1 + j`` the j-th replay dataset (the loop logs ``share/<name>`` per id).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List

@@ -18,6 +18,7 @@ conversation under plain causal attention.
 Sample ``i`` is a pure function of (files, split, seed, sequence length, packing), so the
 data position (consumed samples) resumes exactly at any world size.
 """
+
 from __future__ import annotations
 
 from typing import Dict, List
@@ -31,8 +32,18 @@ from engine.data.chat_data import ChatIndexed
 class SFTDataset(torch.utils.data.Dataset):
     """Documents ``[lo, hi)`` of an SFT prefix as ``num_samples`` training sequences."""
 
-    def __init__(self, data: ChatIndexed, lo: int, hi: int, seq_length: int, num_samples: int,
-                 packing: bool, seed: int, pad_id: int, dataset_id: int = 0) -> None:
+    def __init__(
+        self,
+        data: ChatIndexed,
+        lo: int,
+        hi: int,
+        seq_length: int,
+        num_samples: int,
+        packing: bool,
+        seed: int,
+        pad_id: int,
+        dataset_id: int = 0,
+    ) -> None:
         if hi <= lo:
             raise ValueError(f"{data.prefix}: the split holds no conversations")
         self.data, self.lo, self.hi = data, lo, hi
@@ -43,8 +54,10 @@ class SFTDataset(torch.utils.data.Dataset):
         # (data cut for a longer seq_length) is refused rather than silently truncated.
         lengths = data.seq_lengths[data.doc_index[lo:hi]].astype(np.int64) - 1
         if lengths.max() > seq_length:
-            raise ValueError(f"{data.prefix} holds a conversation of {int(lengths.max()) + 1} tokens, longer than "
-                             f"data.seq_length + 1 = {seq_length + 1}; preprocess it with --seq-length {seq_length}")
+            raise ValueError(
+                f"{data.prefix} holds a conversation of {int(lengths.max()) + 1} tokens, longer than "
+                f"data.seq_length + 1 = {seq_length + 1}; preprocess it with --seq-length {seq_length}"
+            )
         self.positions = lengths
         self.loss_counts = data.doc_mask_counts(1)[lo:hi]
         self.bins: List[List[int]] = []
@@ -85,14 +98,18 @@ class SFTDataset(torch.utils.data.Dataset):
         position_ids = np.zeros(s, dtype=np.int64)
         pos = 0
         for d in self.bins[int(i)]:
-            (toks, mask), = self.data.document(self.lo + d)
+            ((toks, mask),) = self.data.document(self.lo + d)
             n = len(toks) - 1
-            tokens[pos:pos + n] = toks[:-1]
-            labels[pos:pos + n] = toks[1:]
-            loss_mask[pos:pos + n] = mask[1:] > 0
-            position_ids[pos:pos + n] = np.arange(n)
+            tokens[pos : pos + n] = toks[:-1]
+            labels[pos : pos + n] = toks[1:]
+            loss_mask[pos : pos + n] = mask[1:] > 0
+            position_ids[pos : pos + n] = np.arange(n)
             pos += n
         position_ids[pos:] = np.arange(s - pos)
-        return {"tokens": torch.from_numpy(tokens), "labels": torch.from_numpy(labels),
-                "loss_mask": torch.from_numpy(loss_mask), "position_ids": torch.from_numpy(position_ids),
-                "dataset_id": self.dataset_id}
+        return {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "position_ids": torch.from_numpy(position_ids),
+            "dataset_id": self.dataset_id,
+        }

@@ -6,6 +6,7 @@ A trained tokenizer directory holds ``tokenizer.model`` (SentencePiece),
 :func:`load_tokenizer` returns a :class:`Tokenizer` that megatron-core's ``GPTDataset``
 can use directly (it reads ``eod``, ``pad`` and ``vocab_size``).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -80,9 +81,7 @@ class Tokenizer:
         multiple = int(self.meta.get("vocab_multiple", DEFAULT_VOCAB_MULTIPLE))
         self.vocab_size = int(self.meta.get("vocab_size", padded_vocab_size(self.trained_vocab_size, multiple)))
         if self.vocab_size < self.trained_vocab_size:
-            raise TokenizerError(
-                f"padded vocab_size {self.vocab_size} < trained pieces {self.trained_vocab_size}"
-            )
+            raise TokenizerError(f"padded vocab_size {self.vocab_size} < trained pieces {self.trained_vocab_size}")
         self.unk = self._sp.unk_id()
         self.bos = self._sp.bos_id()
         self.eod = self._sp.eos_id()

@@ -15,6 +15,7 @@ Known difference: control pieces (``<s>``, ``</s>``, ``<pad>``) and byte pieces 
 plain vocabulary entries here, so a document that literally contains the text ``<s>``
 may tokenize differently (SentencePiece never matches control pieces in text).
 """
+
 from __future__ import annotations
 
 from typing import List, Tuple
@@ -77,8 +78,11 @@ def build_hf_tokenizer(model_bytes: bytes):
     elif trainer.model_type == BPE:
         vocab = {p: i for i, (p, _, _) in enumerate(pieces)}
         model = models.BPE(
-            vocab=vocab, merges=_bpe_merges(pieces), unk_token=unk_piece,
-            byte_fallback=byte_fallback, fuse_unk=True,
+            vocab=vocab,
+            merges=_bpe_merges(pieces),
+            unk_token=unk_piece,
+            byte_fallback=byte_fallback,
+            fuse_unk=True,
         )
     else:
         raise ValueError(f"unsupported SentencePiece model type {trainer.model_type}")

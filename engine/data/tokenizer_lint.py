@@ -13,6 +13,7 @@ Run before any data is tokenized (the seed run trained on data whose newlines we
   fallback, and how many of the 2,350 common syllables (KS X 1001) are single pieces.
 - tokens per character.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -55,7 +56,7 @@ def _normalized(tok: Tokenizer, text: str) -> str:
 
 def _first_difference(a: str, b: str) -> str:
     i = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return f"at char {i}: expected {a[i:i + 12]!r}, got {b[i:i + 12]!r}"
+    return f"at char {i}: expected {a[i : i + 12]!r}, got {b[i : i + 12]!r}"
 
 
 def lint_tokenizer(tok: Tokenizer, samples: Iterable[str], max_docs: int = 1000) -> dict:
@@ -63,8 +64,12 @@ def lint_tokenizer(tok: Tokenizer, samples: Iterable[str], max_docs: int = 1000)
     byte_fallback = tok.is_byte_fallback()
     sp = tok.processor
     docs = [s for s in itertools.islice(samples, max_docs) if s]
-    report: dict = {"byte_fallback": byte_fallback, "vocab_size": tok.vocab_size,
-                    "trained_vocab_size": tok.trained_vocab_size, "sha256": tok.sha256}
+    report: dict = {
+        "byte_fallback": byte_fallback,
+        "vocab_size": tok.vocab_size,
+        "trained_vocab_size": tok.trained_vocab_size,
+        "sha256": tok.sha256,
+    }
     failures: List[str] = []
 
     # --- sample round trips, unk rate, tokens per char, Hangul coverage ---------------
@@ -126,8 +131,12 @@ def lint_tokenizer(tok: Tokenizer, samples: Iterable[str], max_docs: int = 1000)
         back = tok.decode(ids)
         survived = back == text
         up_to_norm = survived or back == _normalized(tok, text)
-        probes[name] = {"exact": survived, "up_to_normalization": up_to_norm,
-                        "tokens": len(ids), "unk": sum(1 for i in ids if i == tok.unk)}
+        probes[name] = {
+            "exact": survived,
+            "up_to_normalization": up_to_norm,
+            "tokens": len(ids),
+            "unk": sum(1 for i in ids if i == tok.unk),
+        }
         if not up_to_norm:
             failures.append(f"probe {name!r} does not survive a round trip: {_first_difference(text, back)}")
         elif byte_fallback and probes[name]["unk"]:

@@ -6,6 +6,7 @@ Settings chosen so that text survives a round trip (the seed run lost every newl
 and an NFKC rule set that leaves newlines, tabs and Hangul compatibility jamo alone.
 Special and chat tokens are reserved at training time, not appended afterwards.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,7 +18,12 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 from engine.data import readers
 from engine.data.tokenizer import (
-    DEFAULT_VOCAB_MULTIPLE, HF_FILE, META_FILE, MODEL_FILE, padded_vocab_size, sha256_bytes,
+    DEFAULT_VOCAB_MULTIPLE,
+    HF_FILE,
+    META_FILE,
+    MODEL_FILE,
+    padded_vocab_size,
+    sha256_bytes,
 )
 
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -161,8 +167,14 @@ def train_tokenizer(
             split_digits=split_digits,
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
-            unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-            unk_piece=UNK, bos_piece=BOS, eos_piece=EOS, pad_piece=PAD,
+            unk_id=0,
+            bos_id=1,
+            eos_id=2,
+            pad_id=3,
+            unk_piece=UNK,
+            bos_piece=BOS,
+            eos_piece=EOS,
+            pad_piece=PAD,
             user_defined_symbols=special_tokens,
             max_sentence_length=max_sentence_length,
             # Fixed, not os.cpu_count(): SentencePiece's result depends on the thread
@@ -186,7 +198,8 @@ def train_tokenizer(
             if not stats.get("sentences"):
                 raise readers.InputError(
                     f"no text to train on: {len(files)} input file(s), {stats.get('documents', 0)} document(s), "
-                    f"no non-empty line ({', '.join(str(f) for f in files[:3])})") from None
+                    f"no non-empty line ({', '.join(str(f) for f in files[:3])})"
+                ) from None
             # SentencePiece's own words after its source location, e.g. "Vocabulary size is
             # smaller than required_chars. 10 vs 718."
             raise VocabSizeError(f"SentencePiece refused the settings: {str(exc).split('] ', 1)[-1].strip()}") from None
@@ -204,7 +217,8 @@ def train_tokenizer(
             raise VocabSizeError(
                 f"the input supports only {trained} pieces, {vocab_size} were asked (model_type {model_type}): "
                 f"pass --vocab-size {trained} (or less), give more text, or --allow-smaller-vocab to keep "
-                f"{trained}; nothing written")
+                f"{trained}; nothing written"
+            )
         padded = padded_vocab_size(trained, vocab_multiple)
         meta = {
             "format_version": META_FORMAT_VERSION,
@@ -214,10 +228,19 @@ def train_tokenizer(
             "trained_vocab_size": trained,
             "requested_vocab_size": vocab_size,
             "vocab_multiple": vocab_multiple,
-            "vocab_padding": {"count": padded - trained, "first_id": trained, "end_id": padded,
-                              "note": "rows for alignment only; the tokenizer never emits them"},
-            "special_tokens": {"unk": [UNK, 0], "bos": [BOS, 1], "eos": [EOS, 2], "pad": [PAD, 3],
-                               "user_defined": {t: sp.piece_to_id(t) for t in special_tokens}},
+            "vocab_padding": {
+                "count": padded - trained,
+                "first_id": trained,
+                "end_id": padded,
+                "note": "rows for alignment only; the tokenizer never emits them",
+            },
+            "special_tokens": {
+                "unk": [UNK, 0],
+                "bos": [BOS, 1],
+                "eos": [EOS, 2],
+                "pad": [PAD, 3],
+                "user_defined": {t: sp.piece_to_id(t) for t in special_tokens},
+            },
             "byte_fallback": byte_fallback,
             "character_coverage": character_coverage,
             "normalization": normalization,

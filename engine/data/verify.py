@@ -11,6 +11,7 @@ The checks cost the ``.idx`` (sizes) plus, only for data whose sidecar does not 
 ``max_token_id`` (older sidecars, or no sidecar, e.g. data written by megatron-core's own
 tools), one chunked scan of the ``.bin`` whose result is cached in the run's data cache.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -63,15 +64,18 @@ def read_index(prefix: str) -> IndexFacts:
     except (AssertionError, ValueError, KeyError, OSError) as exc:  # bad header, short file, bad dtype
         raise ConfigError(f"{paths['idx']} is not a readable megatron-core index ({exc})") from None
     if not consistent:
-        raise ConfigError(f"{paths['idx']} is corrupt: its document index does not cover its "
-                          f"{facts.sequences} sequences")
+        raise ConfigError(
+            f"{paths['idx']} is corrupt: its document index does not cover its {facts.sequences} sequences"
+        )
     itemsize = np.dtype(facts.dtype).itemsize
     want, have = facts.tokens * itemsize, os.path.getsize(paths["bin"])
     if have != want:
         what = "truncated" if have < want else "longer than its index says"
-        raise ConfigError(f"{paths['bin']} holds {have} bytes but {paths['idx']} describes {facts.tokens} "
-                          f"{np.dtype(facts.dtype).name} tokens = {want} bytes ({what}; the .bin/.idx pair "
-                          f"does not belong together)")
+        raise ConfigError(
+            f"{paths['bin']} holds {have} bytes but {paths['idx']} describes {facts.tokens} "
+            f"{np.dtype(facts.dtype).name} tokens = {want} bytes ({what}; the .bin/.idx pair "
+            f"does not belong together)"
+        )
     return facts
 
 
@@ -83,7 +87,7 @@ def scan_max_token_id(prefix: str, dtype, chunk: int = SCAN_CHUNK) -> int:
     flat = np.memmap(path, dtype=dtype, mode="r")
     best = -1
     for lo in range(0, len(flat), chunk):
-        best = max(best, int(flat[lo:lo + chunk].max()))
+        best = max(best, int(flat[lo : lo + chunk].max()))
     del flat
     return best
 
@@ -140,8 +144,14 @@ def _read_sidecar(prefix: str) -> Optional[dict]:
     return meta
 
 
-def verify_dataset(prefix: str, kind: str, vocab_size: int, tokenizer_sha256: str = "",
-                   cache_dir: Optional[str] = None, log: Callable[[str], None] = print) -> IndexFacts:
+def verify_dataset(
+    prefix: str,
+    kind: str,
+    vocab_size: int,
+    tokenizer_sha256: str = "",
+    cache_dir: Optional[str] = None,
+    log: Callable[[str], None] = print,
+) -> IndexFacts:
     """Check one dataset for an objective reading ``kind`` data with a model of ``vocab_size``
     tokens and (when non-empty) the tokenizer of hash ``tokenizer_sha256``; ConfigError on the
     first mismatch. Without a sidecar only what the ``.idx``/``.bin`` allow is checked."""
@@ -154,28 +164,41 @@ def verify_dataset(prefix: str, kind: str, vocab_size: int, tokenizer_sha256: st
     else:
         got_kind = meta.get("kind", "pretrain")
         if got_kind != kind:
-            raise ConfigError(f"{sidecar} says kind {got_kind!r} but this objective reads {kind!r} data "
-                              f"(write it with `python -m engine preprocess --kind {kind}`)")
+            raise ConfigError(
+                f"{sidecar} says kind {got_kind!r} but this objective reads {kind!r} data "
+                f"(write it with `python -m engine preprocess --kind {kind}`)"
+            )
         idx_dtype = np.dtype(facts.dtype).name
-        for key, have in (("documents", facts.documents), ("sequences", facts.sequences),
-                          ("tokens", facts.tokens), ("dtype", idx_dtype)):
+        for key, have in (
+            ("documents", facts.documents),
+            ("sequences", facts.sequences),
+            ("tokens", facts.tokens),
+            ("dtype", idx_dtype),
+        ):
             if key in meta and meta[key] != have:
-                raise ConfigError(f"{sidecar} says {key}={meta[key]} but {prefix}.idx has {have}: "
-                                  f"the sidecar belongs to other data")
+                raise ConfigError(
+                    f"{sidecar} says {key}={meta[key]} but {prefix}.idx has {have}: the sidecar belongs to other data"
+                )
         want = (meta.get("tokenizer") or {}).get("sha256")
         if want and tokenizer_sha256 and want != tokenizer_sha256:
-            raise ConfigError(f"{sidecar} was written by tokenizer sha256 {want[:12]} but data.tokenizer has "
-                              f"sha256 {tokenizer_sha256[:12]}; preprocess it again with data.tokenizer")
+            raise ConfigError(
+                f"{sidecar} was written by tokenizer sha256 {want[:12]} but data.tokenizer has "
+                f"sha256 {tokenizer_sha256[:12]}; preprocess it again with data.tokenizer"
+            )
         if isinstance(meta.get("max_token_id"), int):
             max_id = meta["max_token_id"]
     if max_id is None:
         max_id, scanned = cached_max_token_id(prefix, facts.dtype, cache_dir)
         if scanned:
-            log(f"data: scanned {prefix}.bin for its largest token id ({max_id}; "
-                f"{'no sidecar' if meta is None else 'the sidecar does not record it'})")
+            log(
+                f"data: scanned {prefix}.bin for its largest token id ({max_id}; "
+                f"{'no sidecar' if meta is None else 'the sidecar does not record it'})"
+            )
     if max_id >= vocab_size:
-        raise ConfigError(f"{prefix}.bin holds token id {max_id} but model.vocab_size is {vocab_size} "
-                          f"(ids must be < vocab_size): the data was written by a larger tokenizer")
+        raise ConfigError(
+            f"{prefix}.bin holds token id {max_id} but model.vocab_size is {vocab_size} "
+            f"(ids must be < vocab_size): the data was written by a larger tokenizer"
+        )
     return facts
 
 
@@ -187,8 +210,9 @@ def dataset_kinds(kind: str, cfg: Config) -> List[tuple]:
     return out
 
 
-def verify_training_data(kind: str, cfg: Config, tokenizer_sha256: str = "",
-                         log: Callable[[str], None] = print) -> None:
+def verify_training_data(
+    kind: str, cfg: Config, tokenizer_sha256: str = "", log: Callable[[str], None] = print
+) -> None:
     """Verify every dataset of the run (see :func:`verify_dataset`); chat data's loss-mask
     companion is checked to match its token dataset sequence for sequence."""
     if cfg.data.mock:
@@ -199,6 +223,8 @@ def verify_training_data(kind: str, cfg: Config, tokenizer_sha256: str = "",
         if want in CHAT_KINDS:
             mask = read_index(mask_prefix(prefix))
             if (mask.sequences, mask.documents, mask.tokens) != (facts.sequences, facts.documents, facts.tokens):
-                raise ConfigError(f"{mask_prefix(prefix)}.idx has {mask.sequences} sequences / {mask.tokens} tokens "
-                                  f"but {prefix}.idx has {facts.sequences} / {facts.tokens}: the loss mask "
-                                  f"belongs to other data")
+                raise ConfigError(
+                    f"{mask_prefix(prefix)}.idx has {mask.sequences} sequences / {mask.tokens} tokens "
+                    f"but {prefix}.idx has {facts.sequences} / {facts.tokens}: the loss mask "
+                    f"belongs to other data"
+                )

@@ -5,6 +5,7 @@ The loop never branches on the stage; it asks ``build_objective(cfg)`` for an ob
 ``metric_names`` and ``finalize_metrics``, and builds the data the objective names in
 ``data_kind`` (see ``engine/data/builders.py``).
 """
+
 from typing import List
 
 from engine.config import Config

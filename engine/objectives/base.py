@@ -1,4 +1,5 @@
 """The objective interface the training loop calls."""
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple

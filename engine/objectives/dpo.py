@@ -8,6 +8,7 @@ while training and changed inputs are never answered with stale values. With the
 reference, the first step's sigmoid loss is ln 2 (up to the last bit of the log-prob sums).
 IPO uses length-averaged log-probabilities (as TRL does), sigmoid and hinge summed ones.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, Optional
@@ -28,8 +29,16 @@ class DPOObjective(PreferenceObjective):
     """Direct preference optimisation against stored reference log-probabilities."""
 
     name = "dpo"
-    metric_names = ("loss_sum", "pairs", "chosen_reward_sum", "rejected_reward_sum", "correct", "margin_sum",
-                    "logp_chosen_sum", "logp_rejected_sum")
+    metric_names = (
+        "loss_sum",
+        "pairs",
+        "chosen_reward_sum",
+        "rejected_reward_sum",
+        "correct",
+        "margin_sum",
+        "logp_chosen_sum",
+        "logp_rejected_sum",
+    )
     log_keys = ("rewards/accuracies", "rewards/margins")
 
     def __init__(self, cfg: Optional[Config] = None):
@@ -62,21 +71,26 @@ class DPOObjective(PreferenceObjective):
             return torch.zeros(logp_sum.shape[0], dtype=torch.float64, device=logp_sum.device), {}
         if self.reference is None:
             raise RuntimeError("DPO reference log-probabilities were not prepared")
-        ref = torch.as_tensor(self.reference[batch["pair_index"].cpu().numpy()], dtype=torch.float64,
-                              device=logp_sum.device)
+        ref = torch.as_tensor(
+            self.reference[batch["pair_index"].cpu().numpy()], dtype=torch.float64, device=logp_sum.device
+        )
         policy = logp_sum
         if self.loss_type == "ipo":
             policy, ref = logp_sum / count.clamp(min=1.0), ref / count.clamp(min=1.0)
-        terms = dpo_terms(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type,
-                          self.label_smoothing)
+        terms = dpo_terms(
+            policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], self.beta, self.loss_type, self.label_smoothing
+        )
         metrics = reward_metric_sums(terms)
         metrics.update(logp_chosen_sum=logp_sum[:, 0].detach().sum(), logp_rejected_sum=logp_sum[:, 1].detach().sum())
         return terms["loss"], metrics
 
     def finalize_metrics(self, sums: Dict[str, float]) -> Dict[str, float]:
         n = max(sums.get("pairs", 0.0), 1.0)
-        out = {"loss": sums.get("loss_sum", float("nan")) / n, "pairs": sums.get("pairs", 0.0),
-               "logps/chosen": sums.get("logp_chosen_sum", 0.0) / n,
-               "logps/rejected": sums.get("logp_rejected_sum", 0.0) / n}
+        out = {
+            "loss": sums.get("loss_sum", float("nan")) / n,
+            "pairs": sums.get("pairs", 0.0),
+            "logps/chosen": sums.get("logp_chosen_sum", 0.0) / n,
+            "logps/rejected": sums.get("logp_rejected_sum", 0.0) / n,
+        }
         out.update(finalize_reward_metrics(sums))
         return out

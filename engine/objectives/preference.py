@@ -7,6 +7,7 @@ per-token loss from vocab-parallel cross entropy in fp32, whose negation is the 
 log-probability, exact under tensor parallelism. Losses are summed over pairs and
 normalised by the pairs of the global batch (``num_units`` = pairs).
 """
+
 from __future__ import annotations
 
 from functools import partial

@@ -10,6 +10,7 @@ Metric definitions follow TRL (``ORPOTrainer``/``DPOTrainer``): rewards are
 ``accuracies`` is the fraction of pairs whose chosen reward exceeds the rejected one;
 ``margins`` is chosen minus rejected reward.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x > -LN2, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
 
 
-def orpo_terms(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, nll: torch.Tensor,
-               lam: float) -> Dict[str, torch.Tensor]:
+def orpo_terms(
+    chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, nll: torch.Tensor, lam: float
+) -> Dict[str, torch.Tensor]:
     """Per-pair ORPO terms from mean response log-probs and the chosen NLL.
 
     log odds(y) = log p - log(1 - p) with p the mean-log-prob probability;
@@ -52,9 +54,15 @@ def orpo_terms(chosen_avg: torch.Tensor, rejected_avg: torch.Tensor, nll: torch.
     }
 
 
-def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
-              ref_rejected: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-              label_smoothing: float = 0.0) -> Dict[str, torch.Tensor]:
+def dpo_terms(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> Dict[str, torch.Tensor]:
     """Per-pair DPO losses and rewards from sequence log-probs of policy and reference.
 
     ``sigmoid``: -(1-eps) log s(beta h) - eps log s(-beta h) with h the log-ratio difference;
@@ -77,14 +85,20 @@ def dpo_terms(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_ch
 def reward_metric_sums(terms: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Summed reward metrics of a micro-batch (divided by pairs in ``finalize_metrics``)."""
     cr, rr = terms["chosen_reward"].detach(), terms["rejected_reward"].detach()
-    return {"chosen_reward_sum": cr.sum(), "rejected_reward_sum": rr.sum(),
-            "correct": (cr > rr).to(torch.float64).sum(), "margin_sum": (cr - rr).sum()}
+    return {
+        "chosen_reward_sum": cr.sum(),
+        "rejected_reward_sum": rr.sum(),
+        "correct": (cr > rr).to(torch.float64).sum(),
+        "margin_sum": (cr - rr).sum(),
+    }
 
 
 def finalize_reward_metrics(sums: Dict[str, float]) -> Dict[str, float]:
     """TRL's reward metrics from summed values."""
     n = max(sums.get("pairs", 0.0), 1.0)
-    return {"rewards/chosen": sums.get("chosen_reward_sum", 0.0) / n,
-            "rewards/rejected": sums.get("rejected_reward_sum", 0.0) / n,
-            "rewards/accuracies": sums.get("correct", 0.0) / n,
-            "rewards/margins": sums.get("margin_sum", 0.0) / n}
+    return {
+        "rewards/chosen": sums.get("chosen_reward_sum", 0.0) / n,
+        "rewards/rejected": sums.get("rejected_reward_sum", 0.0) / n,
+        "rewards/accuracies": sums.get("correct", 0.0) / n,
+        "rewards/margins": sums.get("margin_sum", 0.0) / n,
+    }

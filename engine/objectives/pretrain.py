@@ -1,4 +1,5 @@
 """Next-token prediction on every token of the sequence (masked by ``loss_mask``)."""
+
 from __future__ import annotations
 
 import math

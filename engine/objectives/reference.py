@@ -17,6 +17,7 @@ ranks take interleaved slices, results are gathered), with the reference weights
 the policy model by ``trainer.load_weights``. When the reference is
 not the ``checkpoint.init_from`` weights the run loads it first and the init weights after.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -83,9 +84,14 @@ def weights_fingerprint(ckpt: Path) -> str:
 
 def reference_key(cfg: Config, prefix: str, ref_ckpt: Path, pad_id: int) -> dict:
     """Everything the stored reference log-probs depend on (hashed into the file name)."""
-    return {"data": data_fingerprint(prefix), "reference": weights_fingerprint(ref_ckpt),
-            "seq_length": cfg.data.seq_length, "chat_template": cfg.data.chat_template, "pad_id": int(pad_id),
-            "dtype": cfg.precision.dtype}
+    return {
+        "data": data_fingerprint(prefix),
+        "reference": weights_fingerprint(ref_ckpt),
+        "seq_length": cfg.data.seq_length,
+        "chat_template": cfg.data.chat_template,
+        "pad_id": int(pad_id),
+        "dtype": cfg.precision.dtype,
+    }
 
 
 def _writable(directory: Path) -> bool:
@@ -159,17 +165,26 @@ def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> 
         return values
     if path is None:
         where = " nor ".join(str(d) for d in cache_dirs(cfg, prefix))
-        raise ConfigError(f"dpo: cannot store reference log-probs: {where} is not writable; "
-                          f"set objective.dpo.reference_cache_dir to a writable directory")
-    weights_are_reference = (trainer.state.iteration == 0 and cfg.checkpoint.init_from
-                             and Path(cfg.checkpoint.init_from).resolve() == ref.resolve())
+        raise ConfigError(
+            f"dpo: cannot store reference log-probs: {where} is not writable; "
+            f"set objective.dpo.reference_cache_dir to a writable directory"
+        )
+    weights_are_reference = (
+        trainer.state.iteration == 0
+        and cfg.checkpoint.init_from
+        and Path(cfg.checkpoint.init_from).resolve() == ref.resolve()
+    )
     if trainer.state.iteration > 0 and not weights_are_reference:
-        raise ConfigError(f"{path} (reference log-probs of this data and reference) is missing and the model "
-                          f"has already trained; recompute it with a fresh run initialised from {ref}")
+        raise ConfigError(
+            f"{path} (reference log-probs of this data and reference) is missing and the model "
+            f"has already trained; recompute it with a fresh run initialised from {ref}"
+        )
     if not weights_are_reference:
         if not cfg.checkpoint.init_from:
-            raise ConfigError("objective.dpo.reference differs from the policy's weights: give checkpoint.init_from "
-                              "so the policy can be restored after the reference pass")
+            raise ConfigError(
+                "objective.dpo.reference differs from the policy's weights: give checkpoint.init_from "
+                "so the policy can be restored after the reference pass"
+            )
         trainer.load_weights(ref)
 
     data = ChatIndexed(prefix, "preference")
@@ -191,9 +206,17 @@ def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> 
     if np.isnan(values).any():
         raise RuntimeError(f"reference pass left {int(np.isnan(values).any(axis=1).sum())} pairs without values")
     if dist.get_rank() == 0:
-        _store(path, values, {"prefix": str(Path(prefix).resolve()), "reference": str(ref.resolve()), "pairs": n,
-                              "key": key, "layout": {"tensor": cfg.parallel.tensor,
-                                                     "pipeline": cfg.parallel.pipeline}})
+        _store(
+            path,
+            values,
+            {
+                "prefix": str(Path(prefix).resolve()),
+                "reference": str(ref.resolve()),
+                "pairs": n,
+                "key": key,
+                "layout": {"tensor": cfg.parallel.tensor, "pipeline": cfg.parallel.pipeline},
+            },
+        )
     dist.barrier()
     print_rank0(f"dpo: computed reference log-probs of {n} pairs with {ref} -> {path}")
     if not weights_are_reference:

@@ -6,6 +6,7 @@ conversations with assistant-only masks, packing, replay) and that packed micro-
 through the model in megatron-core's THD layout (``engine/data/packed_seq.py``), so
 attention and RoPE positions stay within each conversation.
 """
+
 from __future__ import annotations
 
 from typing import Tuple

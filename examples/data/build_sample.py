@@ -9,6 +9,7 @@ Usage::
 The English part comes from ``pydoc_data.topics`` of the running Python, so the output
 depends on the Python version (the committed file was built with CPython 3.11.7).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -88,8 +89,12 @@ def pydoc_docs() -> Iterator[Tuple[str, str]]:
 def main() -> None:
     """Write sample.jsonl next to this script."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--konlpy-corpus", required=True, type=Path,
-                        help="the konlpy/data/corpus directory unpacked from the konlpy wheel")
+    parser.add_argument(
+        "--konlpy-corpus",
+        required=True,
+        type=Path,
+        help="the konlpy/data/corpus directory unpacked from the konlpy wheel",
+    )
     parser.add_argument("--output", type=Path, default=Path(__file__).with_name("sample.jsonl"))
     args = parser.parse_args()
     docs = list(constitution_docs(args.konlpy_corpus / "kolaw" / "constitution.txt"))

@@ -1,6 +1,7 @@
 """One way to extend the loop: a user's callback sees every hook in order with the metrics it
 needs, can stop the run, and is told of errors; the built-in services are callbacks in the
 order that keeps the run's events (log line, validation, checkpoint, stop) as they were."""
+
 from __future__ import annotations
 
 import json
@@ -13,15 +14,21 @@ from pathlib import Path
 
 import yaml
 
-from engine.callbacks import (Callback, CheckpointCallback, ConsoleLogger, EvaluationCallback, SourceShareCallback,
-                              build_callbacks)
+from engine.callbacks import (
+    Callback,
+    CheckpointCallback,
+    ConsoleLogger,
+    EvaluationCallback,
+    SourceShareCallback,
+    build_callbacks,
+)
 from engine.config import load_config
 from tests.conftest import REPO, base_config, step_metrics
 
 # Runs in a fresh process (the trainer initialises torch.distributed and megatron-core's groups):
 # a user callback records every hook; run "stop" asks to stop after step 3, run "error" raises
 # in pre_optim_step of step 2.
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, math, sys
     from pathlib import Path
 
@@ -78,7 +85,7 @@ SCRIPT = textwrap.dedent('''
     except RuntimeError as exc:
         outcome = f"raised {exc}"
     Path(out).write_text(json.dumps({"outcome": outcome, "events": events}))
-''')
+""")
 
 
 def _run(tmp_path: Path, cfg: dict, mode: str):
@@ -87,9 +94,14 @@ def _run(tmp_path: Path, cfg: dict, mode: str):
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     script, out = tmp_path / "user_callback.py", run_dir / "events.json"
     script.write_text(SCRIPT)
-    proc = subprocess.run([sys.executable, str(script), str(run_dir / "config.yaml"), mode, str(out)], cwd=REPO,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(run_dir / "config.yaml"), mode, str(out)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0 and out.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -103,8 +115,14 @@ def test_user_callback_sees_every_hook_in_order_and_can_stop_the_run(tmp_path, s
     events = result["events"]
     names = [e[0] if e[0] != "log_metrics" else f"log_metrics:{e[2]}" for e in events]
     step = ["on_step_start", "pre_optim_step", "record_metrics", "log_metrics:train", "on_step_end"]
-    assert names == (["on_train_start"] + step + step[:4] + ["log_metrics:valid", "on_step_end"] + step
-                     + ["pre_train_end", "on_train_end"])
+    assert names == (
+        ["on_train_start"]
+        + step
+        + step[:4]
+        + ["log_metrics:valid", "on_step_end"]
+        + step
+        + ["pre_train_end", "on_train_end"]
+    )
     assert [e[1] for e in events if e[0] == "on_step_start"] == [1, 2, 3]
     assert all(e[2] and not e[3] for e in events if e[0] == "pre_optim_step")  # loss known, update not yet made
 
@@ -131,8 +149,10 @@ def test_user_callback_sees_every_hook_in_order_and_can_stop_the_run(tmp_path, s
 
     # The console shows the same order: log line, validation, checkpoint.
     lines = stdout.splitlines()
-    at = {key: next(i for i, ln in enumerate(lines) if ln.startswith(key))
-          for key in ("step 2/6", "validation at step 2", "saved checkpoint", "step 3/6")}
+    at = {
+        key: next(i for i, ln in enumerate(lines) if ln.startswith(key))
+        for key in ("step 2/6", "validation at step 2", "saved checkpoint", "step 3/6")
+    }
     assert at["step 2/6"] < at["validation at step 2"] < at["saved checkpoint"] < at["step 3/6"]
     assert "iter_0000002" in lines[at["saved checkpoint"]]
 
@@ -152,9 +172,18 @@ def test_built_in_callbacks_and_their_order():
     cfg = load_config(None, ["profile.start_step=2", "profile.memory_snapshot_on_oom=true"])
     user = Callback()
     kinds = [type(cb).__name__ for cb in build_callbacks(cfg, [user])]
-    assert kinds == ["EvaluationCallback", "PreemptionHandler", "ProfilerWindow", "OomSnapshot",
-                     "ThroughputCallback", "SourceShareCallback", "MetricsFileLogger", "ConsoleLogger",
-                     "CheckpointCallback", "Callback"]
+    assert kinds == [
+        "EvaluationCallback",
+        "PreemptionHandler",
+        "ProfilerWindow",
+        "OomSnapshot",
+        "ThroughputCallback",
+        "SourceShareCallback",
+        "MetricsFileLogger",
+        "ConsoleLogger",
+        "CheckpointCallback",
+        "Callback",
+    ]
     assert build_callbacks(cfg, [user])[-1] is user
 
 
@@ -182,9 +211,18 @@ class _FakeTrainer:
 
 def test_console_line_is_unchanged(capsys):
     trainer = _FakeTrainer()
-    metrics = {"loss": 2.0, "lr": 1e-3, "grad_norm": 0.5, "step_time": 0.25, "tokens_per_s": 2048.0,
-               "tokens_per_s_per_gpu": 2048.0, "mfu": None, "peak_mem_gib": 1.0, "skipped_total": 0,
-               "rewards/accuracies": 0.75}
+    metrics = {
+        "loss": 2.0,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "step_time": 0.25,
+        "tokens_per_s": 2048.0,
+        "tokens_per_s_per_gpu": 2048.0,
+        "mfu": None,
+        "peak_mem_gib": 1.0,
+        "skipped_total": 0,
+        "rewards/accuracies": 0.75,
+    }
     SourceShareCallback().record_metrics(trainer, 3, metrics)
     assert metrics["share/arith"] == 0.75 and metrics["share/other"] == 0.25
     console = ConsoleLogger(interval=5)
@@ -192,10 +230,17 @@ def test_console_line_is_unchanged(capsys):
         console.log_metrics(trainer, step, metrics)
     console.log_metrics(trainer, 5, {"loss": 1.5, "ppl": 4.48, "rewards/accuracies": 0.5}, split="valid")
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split(" |")[0] for ln in lines] == ["step 1/10", "step 5/10", "step 10/10", "validation at step 5: loss 1.5000"]
-    assert lines[0] == ("step 1/10 | loss 2.0000 | lr 1.000e-03 | grad_norm 0.500 | step 0.250s | tok/s/gpu 2,048 | "
-                        "tok/s 2,048 | MFU n/a | peak mem 1.00 GiB | rewards/accuracies 0.7500 | "
-                        "share arith 75.0%, other 25.0%")
+    assert [ln.split(" |")[0] for ln in lines] == [
+        "step 1/10",
+        "step 5/10",
+        "step 10/10",
+        "validation at step 5: loss 1.5000",
+    ]
+    assert lines[0] == (
+        "step 1/10 | loss 2.0000 | lr 1.000e-03 | grad_norm 0.500 | step 0.250s | tok/s/gpu 2,048 | "
+        "tok/s 2,048 | MFU n/a | peak mem 1.00 GiB | rewards/accuracies 0.7500 | "
+        "share arith 75.0%, other 25.0%"
+    )
     assert lines[3] == "validation at step 5: loss 1.5000 | ppl 4.4800 | rewards/accuracies 0.5000"
 
 

@@ -7,6 +7,7 @@ group (torchrun, SLURM and Ctrl-C signal the group), SIGKILL while a checkpoint 
 written, and SIGKILL of the launcher (torchrun) alone. The fault schedule is drawn from a
 seeded RNG (``CHAOS_SEED`` overrides it; the seed is printed so a failure can be replayed).
 """
+
 from __future__ import annotations
 
 import os
@@ -52,14 +53,35 @@ class Job:
         path.write_text(yaml.safe_dump(cfg))
         self.run = run
         self.codes = run / f"exit_codes_{attempt}"
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONUNBUFFERED="1",
-                   ENGINE_EXIT_CODE_DIR=str(self.codes), CHAOS_SAVE_DELAY_S=str(save_delay),
-                   PYTHONPATH=os.pathsep.join([str(CHAOS_SITE), str(REPO), os.environ.get("PYTHONPATH", "")]))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            PYTHONWARNINGS="ignore",
+            PYTHONUNBUFFERED="1",
+            ENGINE_EXIT_CODE_DIR=str(self.codes),
+            CHAOS_SAVE_DELAY_S=str(save_delay),
+            PYTHONPATH=os.pathsep.join([str(CHAOS_SITE), str(REPO), os.environ.get("PYTHONPATH", "")]),
+        )
         self.log = open(run / f"attempt_{attempt}.log", "w+")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "engine", "train", str(path), "--resume"],
-            cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node=2",
+                "-m",
+                "engine",
+                "train",
+                str(path),
+                "--resume",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         self.tree: dict = {}
 
     def output(self) -> str:
@@ -105,8 +127,10 @@ class Job:
             self.log.close()
 
     def rank_codes(self) -> List[str]:
-        return [(self.codes / f"rank{r}").read_text().strip() if (self.codes / f"rank{r}").exists() else "-"
-                for r in range(2)]
+        return [
+            (self.codes / f"rank{r}").read_text().strip() if (self.codes / f"rank{r}").exists() else "-"
+            for r in range(2)
+        ]
 
     def survivors(self, grace: float = 60) -> List[str]:
         """Processes of the job (ranks, dist-checkpointing helpers) still alive after ``grace`` s."""
@@ -210,8 +234,10 @@ def test_chaos_faults_then_resume_equal_the_uninterrupted_run(tmp_path, syntheti
         code = job.finish()
         left = job.survivors()
         codes = job.rank_codes()
-        history.append(f"{fault} after iteration {start} (target {target}): torchrun {code}, ranks {codes}, "
-                       f"newest checkpoint {_newest_iteration(run)}")
+        history.append(
+            f"{fault} after iteration {start} (target {target}): torchrun {code}, ranks {codes}, "
+            f"newest checkpoint {_newest_iteration(run)}"
+        )
         assert not left, f"{history}: left behind {left}"
         if fault.startswith("kill_") and fault != "kill_launcher":
             assert code == -signal.SIGKILL, f"{history}\n{job.output()[-4000:]}"
@@ -230,8 +256,9 @@ def test_chaos_faults_then_resume_equal_the_uninterrupted_run(tmp_path, syntheti
         assert got[step] == pytest.approx(expected[step], rel=1e-6, abs=1e-7), (step, history)
     ckpts = list_checkpoints(str(run))
     assert ckpts and read_meta(ckpts[-1])["iteration"] == STEPS
-    leftovers = [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("iter_") or
-                 p.name.endswith(".tmp")]
+    leftovers = [
+        p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("iter_") or p.name.endswith(".tmp")
+    ]
     assert not leftovers, f"{history}: half-written checkpoints left behind: {leftovers}"
     for i, ckpt in enumerate(ckpts):
         _check_checkpoint(ckpt, tmp_path / f"ckpt{i}.pt")

@@ -1,4 +1,5 @@
 """Checkpoints: exact resume, resharded resume, atomicity, retention, newest-by-iteration."""
+
 from __future__ import annotations
 
 import json
@@ -47,9 +48,12 @@ def test_auto_resume_picks_newest_and_continues(uninterrupted, tmp_path):
     shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
     # Newest is iter_0000006 (the run's end): resuming for 6 steps has nothing left to do,
     # so ask for 7 and check it starts at step 7 with the data position of 6 steps.
-    auto = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True),
-                schedule=dict(cfg["schedule"], decay_steps=6),
-                training=dict(cfg["training"], steps=7))
+    auto = dict(
+        cfg,
+        checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True),
+        schedule=dict(cfg["schedule"], decay_steps=6),
+        training=dict(cfg["training"], steps=7),
+    )
     proc = run_engine(auto)
     assert "iteration 6, consumed samples 48" in proc.stdout
     assert [r["step"] for r in step_metrics(run_dir)] == [7]
@@ -78,8 +82,14 @@ def test_retention_keeps_newest(tmp_path, synthetic_data):
 
 def test_newest_is_by_iteration_and_incomplete_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
-    for name, complete in [("iter_0000020", True), ("iter_0000100", True), ("iter_0000200.tmp", True),
-                           ("iter_0000300", False), ("checkpoint-best", True), ("iter_0000099", True)]:
+    for name, complete in [
+        ("iter_0000020", True),
+        ("iter_0000100", True),
+        ("iter_0000200.tmp", True),
+        ("iter_0000300", False),
+        ("checkpoint-best", True),
+        ("iter_0000099", True),
+    ]:
         (root / name).mkdir(parents=True)
         if complete:
             (root / name / META).write_text("{}")
@@ -115,7 +125,7 @@ def _corrupt(ckpt, how: str) -> str:
         shard.write_bytes(data[: len(data) // 2])
     else:  # same size, other bytes
         data = bytearray(shard.read_bytes())
-        data[len(data) // 2: len(data) // 2 + 8] = bytes(8 - i for i in range(8))
+        data[len(data) // 2 : len(data) // 2 + 8] = bytes(8 - i for i in range(8))
         shard.write_bytes(bytes(data))
     return shard.name
 
@@ -132,8 +142,7 @@ def test_corrupt_checkpoint_is_a_one_line_error_naming_the_file(uninterrupted, t
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [l for l in proc.stderr.splitlines() if l.startswith("config error:")]
     assert len(errors) == 1 and name in errors[0] and "corrupt" in errors[0], proc.stderr[-3000:]
-    assert {"missing": "is missing", "truncated": "bytes, manifest says",
-            "overwritten": "CRC-32"}[how] in errors[0]
+    assert {"missing": "is missing", "truncated": "bytes, manifest says", "overwritten": "CRC-32"}[how] in errors[0]
     assert "Traceback" not in proc.stderr
 
 
@@ -160,8 +169,12 @@ def test_load_of_an_older_iteration_into_the_same_dir_is_refused(uninterrupted, 
     run_dir = tmp_path / "tl"
     shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
-    load = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), keep=1,
-                                     load=str(run_dir / "checkpoints" / "iter_0000003")))
+    load = dict(
+        cfg,
+        checkpoint=dict(
+            cfg["checkpoint"], dir=str(run_dir), keep=1, load=str(run_dir / "checkpoints" / "iter_0000003")
+        ),
+    )
     proc = run_engine(load, check=False)
     assert proc.returncode == 2
     assert "iter_0000006" in proc.stderr and "another checkpoint.dir" in proc.stderr
@@ -173,8 +186,11 @@ def test_resume_behind_the_checkpoint_is_refused(uninterrupted, tmp_path):
     run_dir = tmp_path / "behind"
     shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
     before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
-    resume = dict(cfg, checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True, keep=1),
-                  training=dict(cfg["training"], steps=4))
+    resume = dict(
+        cfg,
+        checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True, keep=1),
+        training=dict(cfg["training"], steps=4),
+    )
     proc = run_engine(resume, check=False)
     assert proc.returncode == 2
     assert "training.steps=4 is behind" in proc.stderr and "iteration 6" in proc.stderr
@@ -199,8 +215,9 @@ def test_save_never_overwrites_a_complete_checkpoint(tmp_path, megatron_single_r
     done.mkdir(parents=True)
     (done / META).write_text("{}")
     with pytest.raises(CheckpointError, match="refusing to overwrite"):
-        save_checkpoint(str(tmp_path), TrainState(iteration=5), [torch.nn.Linear(2, 2)], None, None, "{}",
-                        save_optimizer=False)
+        save_checkpoint(
+            str(tmp_path), TrainState(iteration=5), [torch.nn.Linear(2, 2)], None, None, "{}", save_optimizer=False
+        )
     assert (done / META).read_text() == "{}"
 
 
@@ -214,8 +231,14 @@ def _load_then_save(rank, run_dir, load_from):
     from engine.run_config import load_run_config
     from models.build import build_gpt_chunks
 
-    cfg = load_run_config(None, ["model.preset=tiny-llama", f"parallel.tensor={ps.get_tensor_model_parallel_world_size()}",
-                             f"parallel.pipeline={ps.get_pipeline_model_parallel_world_size()}"])
+    cfg = load_run_config(
+        None,
+        [
+            "model.preset=tiny-llama",
+            f"parallel.tensor={ps.get_tensor_model_parallel_world_size()}",
+            f"parallel.pipeline={ps.get_pipeline_model_parallel_world_size()}",
+        ],
+    )
     chunks = build_gpt_chunks(cfg, torch.float32).chunks
     changed = None
     if load_from:

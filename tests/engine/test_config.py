@@ -1,4 +1,5 @@
 """Config loading: unknown keys, types, presets, overrides and size checks with their messages."""
+
 from __future__ import annotations
 
 import pytest
@@ -51,24 +52,52 @@ def test_parse_overrides_nested():
         parse_overrides(["novalue"])
 
 
-@pytest.mark.parametrize("overrides, world, message", [
-    (["model.preset=frankenstallm-3b", "parallel.tensor=16"], 16,
-     r"model.num_attention_heads \(24\) is not divisible by parallel.tensor \(16\)"),
-    (["model.preset=frankenstallm-3b", "parallel.pipeline=3"], 3,
-     r"model.num_layers \(28\) is not divisible by parallel.pipeline x parallel.virtual_pipeline \(3 x 1 = 3\)"),
-    (["model.preset=tiny-llama", "parallel.pipeline=2", "parallel.virtual_pipeline=4"], 2,
-     r"model.num_layers \(4\) is not divisible by parallel.pipeline x parallel.virtual_pipeline \(2 x 4 = 8\)"),
-    (["model.preset=tiny-llama", "parallel.tensor=2"], 3,
-     r"world size \(3\) is not divisible by parallel.tensor x parallel.pipeline x parallel.context \(2 x 1 x 1 = 2\)"),
-    (["model.preset=tiny-moe", "parallel.expert=3"], 3,
-     r"model.num_experts \(8\) is not divisible by parallel.expert \(3\)"),
-    (["model.preset=tiny-llama", "training.global_batch_size=10", "training.micro_batch_size=2"], 2,
-     r"training.global_batch_size \(10\) is not divisible by training.micro_batch_size x data-parallel size \(2 x 2 = 4\)"),
-    (["model.preset=tiny-llama", "parallel.expert=2"], 2, r"the model is dense"),
-    (["model.preset=tiny-llama", "data.seq_length=4096"], 1, r"data.seq_length \(4096\) exceeds model.max_seq_length \(256\)"),
-    (["model.preset=tiny-llama", "objective.name=sft", "parallel.context=2"], 2,
-     r"data.packing needs parallel.context = 1 \(got 2\)"),
-])
+@pytest.mark.parametrize(
+    "overrides, world, message",
+    [
+        (
+            ["model.preset=frankenstallm-3b", "parallel.tensor=16"],
+            16,
+            r"model.num_attention_heads \(24\) is not divisible by parallel.tensor \(16\)",
+        ),
+        (
+            ["model.preset=frankenstallm-3b", "parallel.pipeline=3"],
+            3,
+            r"model.num_layers \(28\) is not divisible by parallel.pipeline x parallel.virtual_pipeline \(3 x 1 = 3\)",
+        ),
+        (
+            ["model.preset=tiny-llama", "parallel.pipeline=2", "parallel.virtual_pipeline=4"],
+            2,
+            r"model.num_layers \(4\) is not divisible by parallel.pipeline x parallel.virtual_pipeline \(2 x 4 = 8\)",
+        ),
+        (
+            ["model.preset=tiny-llama", "parallel.tensor=2"],
+            3,
+            r"world size \(3\) is not divisible by parallel.tensor x parallel.pipeline x parallel.context \(2 x 1 x 1 = 2\)",
+        ),
+        (
+            ["model.preset=tiny-moe", "parallel.expert=3"],
+            3,
+            r"model.num_experts \(8\) is not divisible by parallel.expert \(3\)",
+        ),
+        (
+            ["model.preset=tiny-llama", "training.global_batch_size=10", "training.micro_batch_size=2"],
+            2,
+            r"training.global_batch_size \(10\) is not divisible by training.micro_batch_size x data-parallel size \(2 x 2 = 4\)",
+        ),
+        (["model.preset=tiny-llama", "parallel.expert=2"], 2, r"the model is dense"),
+        (
+            ["model.preset=tiny-llama", "data.seq_length=4096"],
+            1,
+            r"data.seq_length \(4096\) exceeds model.max_seq_length \(256\)",
+        ),
+        (
+            ["model.preset=tiny-llama", "objective.name=sft", "parallel.context=2"],
+            2,
+            r"data.packing needs parallel.context = 1 \(got 2\)",
+        ),
+    ],
+)
 def test_bad_combinations_name_the_numbers(overrides, world, message):
     cfg = _cfg(*overrides)
     with pytest.raises(ConfigError, match=message):
@@ -98,9 +127,13 @@ def test_choices_are_literal_types_checked_by_the_loader_and_by_validate():
 
 
 def test_old_objective_keys_say_where_they_moved(tmp_path):
-    for old, new in [("orpo_lambda=0.5", "objective.orpo.weight"), ("beta=0.2", "objective.dpo.beta"),
-                     ("dpo_loss=ipo", "objective.dpo.loss"), ("reference=/ckpt", "objective.dpo.reference"),
-                     ("nll_includes_prompt=true", "objective.orpo.nll_includes_prompt")]:
+    for old, new in [
+        ("orpo_lambda=0.5", "objective.orpo.weight"),
+        ("beta=0.2", "objective.dpo.beta"),
+        ("dpo_loss=ipo", "objective.dpo.loss"),
+        ("reference=/ckpt", "objective.dpo.reference"),
+        ("nll_includes_prompt=true", "objective.orpo.nll_includes_prompt"),
+    ]:
         with pytest.raises(ConfigError, match=rf"'objective.{old.split('=')[0]}' moved to '{new}'"):
             load_config(None, [f"objective.{old}"])
     path = tmp_path / "c.yaml"
@@ -115,8 +148,10 @@ def test_config_layer_resolves_presets_only_through_the_callers_hook():
         load_config(None, ["model.preset=tiny-llama"])
     from models.presets import get_preset
 
-    assert load_config(None, ["model.preset=tiny-llama"], presets=get_preset).model == \
-        load_run_config(None, ["model.preset=tiny-llama"]).model
+    assert (
+        load_config(None, ["model.preset=tiny-llama"], presets=get_preset).model
+        == load_run_config(None, ["model.preset=tiny-llama"]).model
+    )
 
 
 def test_derived_sizes_live_on_the_config():
@@ -139,8 +174,10 @@ def test_cli_reports_config_errors(tmp_path, capsys):
 
 def test_named_blend_fills_paths_and_weights(tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text("data:\n  blend:\n    - {name: kowiki, path: /d/kowiki, weight: 0.3}\n"
-                    "    - {name: web, path: /d/web, weight: 0.7}\n")
+    path.write_text(
+        "data:\n  blend:\n    - {name: kowiki, path: /d/kowiki, weight: 0.3}\n"
+        "    - {name: web, path: /d/web, weight: 0.7}\n"
+    )
     cfg = load_run_config(path)
     assert cfg.data.paths == ["/d/kowiki", "/d/web"] and cfg.data.weights == [0.3, 0.7]
     assert [e.name for e in cfg.data.blend] == ["kowiki", "web"]
@@ -151,23 +188,26 @@ def test_named_blend_fills_paths_and_weights(tmp_path):
         load_run_config(None, ["data.paths=[/d/a]", "data.blend=[{path: /d/b}]"])
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.seq_length=0", r"'data.seq_length' must be >= 1, got 0"),
-    ("training.global_batch_size=0", r"'training.global_batch_size' must be >= 1, got 0"),
-    ("training.micro_batch_size=-1", r"'training.micro_batch_size' must be >= 1, got -1"),
-    ("logging.interval=0", r"'logging.interval' must be >= 1, got 0"),
-    ("model.hidden_size=-64", r"'model.hidden_size' must be >= 1, got -64"),
-    ("optimizer.beta1=1.5", r"'optimizer.beta1' must be in \[0, 1\), got 1.5"),
-    ("checkpoint.save_interval=-1", r"'checkpoint.save_interval' must be >= 0, got -1"),
-    ("data.weights=[0.5, 0]", r"'data.weights\[1\]' must be > 0, got 0.0"),
-    ("data.replay_weights=[-1]", r"'data.replay_weights\[0\]' must be > 0, got -1.0"),
-    ("data.blend=[{path: /d/a, weight: 0}]", r"'data.blend\[0\].weight' must be > 0, got 0.0"),
-    ("optimizer.lr=.nan", r"'optimizer.lr' must be >= 0, got nan"),
-    ("optimizer.lr=-1e-4", r"'optimizer.lr' must be >= 0, got -0.0001"),
-    ("preemption.exit_code=256", r"'preemption.exit_code' must be in \[0, 255\], got 256"),
-    ("profile.ranks=[0, -1]", r"'profile.ranks\[1\]' must be >= 0, got -1"),
-    ("parallel.virtual_pipeline=0", r"'parallel.virtual_pipeline' must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.seq_length=0", r"'data.seq_length' must be >= 1, got 0"),
+        ("training.global_batch_size=0", r"'training.global_batch_size' must be >= 1, got 0"),
+        ("training.micro_batch_size=-1", r"'training.micro_batch_size' must be >= 1, got -1"),
+        ("logging.interval=0", r"'logging.interval' must be >= 1, got 0"),
+        ("model.hidden_size=-64", r"'model.hidden_size' must be >= 1, got -64"),
+        ("optimizer.beta1=1.5", r"'optimizer.beta1' must be in \[0, 1\), got 1.5"),
+        ("checkpoint.save_interval=-1", r"'checkpoint.save_interval' must be >= 0, got -1"),
+        ("data.weights=[0.5, 0]", r"'data.weights\[1\]' must be > 0, got 0.0"),
+        ("data.replay_weights=[-1]", r"'data.replay_weights\[0\]' must be > 0, got -1.0"),
+        ("data.blend=[{path: /d/a, weight: 0}]", r"'data.blend\[0\].weight' must be > 0, got 0.0"),
+        ("optimizer.lr=.nan", r"'optimizer.lr' must be >= 0, got nan"),
+        ("optimizer.lr=-1e-4", r"'optimizer.lr' must be >= 0, got -0.0001"),
+        ("preemption.exit_code=256", r"'preemption.exit_code' must be in \[0, 255\], got 256"),
+        ("profile.ranks=[0, -1]", r"'profile.ranks\[1\]' must be >= 0, got -1"),
+        ("parallel.virtual_pipeline=0", r"'parallel.virtual_pipeline' must be >= 1, got 0"),
+    ],
+)
 def test_out_of_range_values_name_key_value_and_range(override, message):
     with pytest.raises(ConfigError, match=message):
         load_run_config(None, [override])

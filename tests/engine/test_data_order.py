@@ -1,4 +1,5 @@
 """Extending a run (a larger ``training.steps`` on resume) continues the uninterrupted run's samples."""
+
 from __future__ import annotations
 
 from tests.conftest import base_config, run_engine, step_metrics, write_synthetic_dataset

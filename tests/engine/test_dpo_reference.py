@@ -1,6 +1,7 @@
 """DPO's stored reference log-probs are keyed on content: rewritten data or a reference retrained
 in place recomputes them (step 1's loss is ln 2 with policy == reference), and the cache
 directory is configurable, falling back from a read-only data directory."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError
-from engine.run_config import load_run_config
 from engine.objectives import reference as refmod
+from engine.run_config import load_run_config
 from tests.conftest import losses, post_training_config, run_engine
 
 LN2 = math.log(2.0)
@@ -90,8 +91,18 @@ def test_reference_retrained_in_place_recomputes_into_the_configured_dir(tmp_pat
 
 
 def _cfg(tmp_path, d, *extra):
-    return load_run_config(None, [f"data.paths=[{d['pref']}]", f"data.tokenizer={d['tokenizer']}", "model.vocab_size=1024",
-                              "data.seq_length=128", "objective.name=dpo", f"checkpoint.dir={tmp_path}/run", *extra])
+    return load_run_config(
+        None,
+        [
+            f"data.paths=[{d['pref']}]",
+            f"data.tokenizer={d['tokenizer']}",
+            "model.vocab_size=1024",
+            "data.seq_length=128",
+            "objective.name=dpo",
+            f"checkpoint.dir={tmp_path}/run",
+            *extra,
+        ],
+    )
 
 
 def test_read_only_data_dir_falls_back_to_the_run_dir(tmp_path, post_training_data, references, monkeypatch):
@@ -109,8 +120,9 @@ def test_read_only_data_dir_falls_back_to_the_run_dir(tmp_path, post_training_da
 def test_unwritable_cache_dir_is_refused_before_the_reference_pass(tmp_path, post_training_data, references):
     d = post_training_data
     (tmp_path / "file").write_text("")
-    cfg = _cfg(tmp_path, d, f"objective.dpo.reference_cache_dir={tmp_path}/file/cache",
-               f"checkpoint.init_from={references[0]}")
+    cfg = _cfg(
+        tmp_path, d, f"objective.dpo.reference_cache_dir={tmp_path}/file/cache", f"checkpoint.init_from={references[0]}"
+    )
     trainer = types.SimpleNamespace(cfg=cfg, state=types.SimpleNamespace(iteration=0))  # no model: no pass possible
     with pytest.raises(ConfigError, match=r"cannot store reference log-probs: .*file/cache is not writable"):
         refmod.load_or_compute_reference(trainer, None)

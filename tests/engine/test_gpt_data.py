@@ -1,4 +1,5 @@
 """Pretraining datasets through megatron-core's builder: blend weights, split checks, sampler."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -7,8 +8,8 @@ import numpy as np
 import pytest
 
 from engine.config import ConfigError
-from engine.run_config import load_run_config
 from engine.data.gpt_data import MicroBatchSampler, build_datasets
+from engine.run_config import load_run_config
 from tests.conftest import write_synthetic_dataset
 
 
@@ -19,8 +20,16 @@ def two_datasets(tmp_path_factory, megatron_single_rank):
 
 
 def _cfg(tmp_path, paths, *extra):
-    return load_run_config(None, [f"data.paths={paths}", "data.seq_length=32", "model.preset=tiny-llama",
-                              f"data.cache_dir={tmp_path}/cache", *extra])
+    return load_run_config(
+        None,
+        [
+            f"data.paths={paths}",
+            "data.seq_length=32",
+            "model.preset=tiny-llama",
+            f"data.cache_dir={tmp_path}/cache",
+            *extra,
+        ],
+    )
 
 
 def test_blend_weights_are_honoured_within_one_percent(tmp_path, two_datasets):
@@ -42,9 +51,11 @@ def test_samples_are_windows_of_the_documents(tmp_path, two_datasets):
 
 def test_too_small_split_is_a_clear_error(tmp_path):
     prefix = write_synthetic_dataset(tmp_path / "small", 30)
-    cfg = _cfg(tmp_path, f"[{prefix}]", "data.split=98,1,1", "data.seq_length=256",
-               "model.max_seq_length=256")
-    with pytest.raises(ConfigError, match=r"the valid split of .* holds 1 documents / \d+ tokens .*fewer than one sequence of data.seq_length\+1 = 257"):
+    cfg = _cfg(tmp_path, f"[{prefix}]", "data.split=98,1,1", "data.seq_length=256", "model.max_seq_length=256")
+    with pytest.raises(
+        ConfigError,
+        match=r"the valid split of .* holds 1 documents / \d+ tokens .*fewer than one sequence of data.seq_length\+1 = 257",
+    ):
         build_datasets(cfg, 100, 10)
 
 

@@ -4,6 +4,7 @@ Every ``.py`` under engine/, models/ and parallel/ is parsed with ``ast``; impor
 level AND inside functions count (an import moved into a function still makes the cycle, it
 only hides it until run time); only ``if TYPE_CHECKING:`` blocks are left out (they never run). The graph must have no cycle, and models/ and parallel/ may
 import from engine/ only its config layer."""
+
 from __future__ import annotations
 
 import ast
@@ -87,7 +88,7 @@ def find_cycle(graph: Dict[str, Set[str]]) -> Optional[List[str]]:
         stack.append(node)
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                return stack[stack.index(nxt):] + [nxt]
+                return stack[stack.index(nxt) :] + [nxt]
             if nxt not in state:
                 found = visit(nxt)
                 if found:
@@ -116,9 +117,13 @@ def test_no_import_cycle():
 
 
 def test_models_and_parallel_import_only_the_config_layer_of_engine():
-    upward = sorted(f"{src} -> {dst}" for src, dsts in import_graph().items()
-                    if src.split(".")[0] in ("models", "parallel")
-                    for dst in dsts if dst.split(".")[0] == "engine" and dst not in CONFIG_LAYER)
+    upward = sorted(
+        f"{src} -> {dst}"
+        for src, dsts in import_graph().items()
+        if src.split(".")[0] in ("models", "parallel")
+        for dst in dsts
+        if dst.split(".")[0] == "engine" and dst not in CONFIG_LAYER
+    )
     assert not upward, "models/parallel import engine beyond its config layer:\n" + "\n".join(upward)
 
 

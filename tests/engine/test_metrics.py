@@ -1,12 +1,13 @@
 """FLOPs per token against the parameters of the built model; MFU arithmetic; log line."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
-from engine.run_config import load_run_config
 from engine.config import attention_keys_per_query
 from engine.metrics import PEAK_TFLOPS, format_line, mfu
+from engine.run_config import load_run_config
 
 
 def _linear_weights(preset):
@@ -22,7 +23,7 @@ def _linear_weights(preset):
     with torch.device("meta"):
         chunk = build_gpt_chunks(cfg, torch.float32).chunks[0]
     n = 0
-    for name, p in chunk.named_parameters():
+    for p in chunk.parameters():
         if p.dim() == 2:  # linear layers and the (tied) embedding used as the LM head
             n += p.numel()
     return cfg, n

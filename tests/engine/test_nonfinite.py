@@ -1,4 +1,5 @@
 """Non-finite steps: NaN in the gradients (finite loss) is skipped, never applied nor checkpointed."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Chat templates, SFT/preference preprocessing (loss masks, truncation, drops), packing, replay."""
+
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.data.chat_data import PROMPT, RESPONSE, ChatIndexed
+from engine.data.chat_data import RESPONSE, ChatIndexed
 from engine.data.chat_template import AlpacaTemplate, ChatMLTemplate, JinjaTemplate, get_chat_template
 from engine.data.packed_seq import segment_cu_seqlens
 from engine.data.preprocess import preprocess
@@ -15,17 +16,24 @@ from engine.data.replay import interleave
 from engine.data.sft_data import SFTDataset
 from engine.data.tokenizer import load_tokenizer
 
-MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"},
-        {"role": "assistant", "content": "See you."}]
+MSGS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Bye"},
+    {"role": "assistant", "content": "See you."},
+]
 
 
 def test_chatml_render_and_generation_prompt():
     t = ChatMLTemplate()
     assert t.render(MSGS[:3], eos_text="</s>") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-        "<|im_start|>assistant\nHello!<|im_end|>\n</s>")
-    assert t.render(MSGS[:2], add_generation_prompt=True).endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>assistant\nHello!<|im_end|>\n</s>"
+    )
+    assert t.render(MSGS[:2], add_generation_prompt=True).endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
     trained = "".join(s.text for s in t.segments(MSGS) if s.loss)
     assert trained == "Hello!<|im_end|>See you.<|im_end|>"
 
@@ -68,15 +76,19 @@ def _decode_masked(tk, toks, mask, value=1):
 @pytest.mark.parametrize("template", ["chatml", "alpaca"])
 def test_sft_masks_both_formats_and_multi_turn(tmp_path, tok, template):
     tk = load_tokenizer(tok)
-    src = _write(tmp_path, "sft.jsonl", [
-        {"instruction": "Name a colour.", "input": "sky", "output": "Blue."},
-        {"messages": MSGS},
-    ])
+    src = _write(
+        tmp_path,
+        "sft.jsonl",
+        [
+            {"instruction": "Name a colour.", "input": "sky", "output": "Blue."},
+            {"messages": MSGS},
+        ],
+    )
     s = preprocess([src], str(tok), str(tmp_path / "sft"), kind="sft", chat_template=template, seq_length=256)
     assert s["documents"] == 2 and s["skipped"] == {}
     data = ChatIndexed(str(tmp_path / "sft"), "sft")
-    (t0, m0), = data.document(0)
-    (t1, m1), = data.document(1)
+    ((t0, m0),) = data.document(0)
+    ((t1, m1),) = data.document(1)
     assert _decode_masked(tk, t0, m0).replace("<|im_end|>", "") == "Blue."
     assert _decode_masked(tk, t1, m1).replace("<|im_end|>", "") == "Hello!See you."
     for t, m in ((t0, m0), (t1, m1)):  # every conversation ends with a trained EOS
@@ -88,25 +100,33 @@ def test_sft_masks_both_formats_and_multi_turn(tmp_path, tok, template):
 def test_truncation_keeps_eos_and_counts_drops(tmp_path, tok):
     tk = load_tokenizer(tok)
     long_prompt = "헌법 " * 200
-    src = _write(tmp_path, "sft.jsonl", [
-        {"instruction": long_prompt, "output": "짧은 답."},
-        {"instruction": "질문", "output": "긴 답 " * 300},   # the response alone cannot fit
-        {"instruction": "질문", "output": "   "},          # empty response
-    ])
+    src = _write(
+        tmp_path,
+        "sft.jsonl",
+        [
+            {"instruction": long_prompt, "output": "짧은 답."},
+            {"instruction": "질문", "output": "긴 답 " * 300},  # the response alone cannot fit
+            {"instruction": "질문", "output": "   "},  # empty response
+        ],
+    )
     s = preprocess([src], str(tok), str(tmp_path / "sft"), kind="sft", seq_length=64)
     assert s["documents"] == 1 and s["truncated"] == 1
     assert s["skipped"] == {"too_long": 1, "empty_response": 1}
-    (t, m), = ChatIndexed(str(tmp_path / "sft"), "sft").document(0)
+    ((t, m),) = ChatIndexed(str(tmp_path / "sft"), "sft").document(0)
     assert len(t) == 65 and t[-1] == tk.eod and m[-1] == 1
     assert _decode_masked(tk, t, m).replace("<|im_end|>", "") == "짧은 답."
     meta = json.loads((tmp_path / "sft.json").read_text())
     assert meta["skipped"] == {"too_long": 1, "empty_response": 1} and meta["chat_template"] == "chatml"
 
-    pref = _write(tmp_path, "pref.jsonl", [
-        {"prompt": long_prompt, "chosen": "좋은 답.", "rejected": [{"role": "assistant", "content": "나쁜 답."}]},
-        {"prompt": "질문", "chosen": "", "rejected": "답"},
-        {"prompt": [{"role": "user", "content": "질문"}], "chosen": "답 " * 300, "rejected": "답"},
-    ])
+    pref = _write(
+        tmp_path,
+        "pref.jsonl",
+        [
+            {"prompt": long_prompt, "chosen": "좋은 답.", "rejected": [{"role": "assistant", "content": "나쁜 답."}]},
+            {"prompt": "질문", "chosen": "", "rejected": "답"},
+            {"prompt": [{"role": "user", "content": "질문"}], "chosen": "답 " * 300, "rejected": "답"},
+        ],
+    )
     s = preprocess([pref], str(tok), str(tmp_path / "pref"), kind="preference", seq_length=64)
     assert s["documents"] == 1 and s["skipped"] == {"empty_response": 1, "too_long": 1}
     (c, cm), (r, rm) = ChatIndexed(str(tmp_path / "pref"), "preference").document(0)
@@ -136,10 +156,10 @@ def test_packing_never_crosses_a_conversation(tmp_path, tok):
             n = len(toks) - 1
             assert cu[k] == at and cu[k + 1] == at + n
             # labels are this conversation's next tokens: none crosses into the next one
-            assert list(labels[at:at + n]) == list(toks[1:]) and list(tokens[at:at + n]) == list(toks[:-1])
-            assert list(item["loss_mask"].numpy()[at:at + n]) == list((m[1:] > 0).astype(np.float32))
+            assert list(labels[at : at + n]) == list(toks[1:]) and list(tokens[at : at + n]) == list(toks[:-1])
+            assert list(item["loss_mask"].numpy()[at : at + n]) == list((m[1:] > 0).astype(np.float32))
             at += n
-        assert cu[len(convs):] == ([at, 96] if at < 96 else [96])
+        assert cu[len(convs) :] == ([at, 96] if at < 96 else [96])
         assert item["loss_mask"].numpy()[at:].sum() == 0
     # without packing: one conversation per sample
     plain = SFTDataset(data, 0, data.num_docs, 96, 5, packing=False, seed=3, pad_id=eod)

@@ -6,6 +6,7 @@ rejected one, drawn from distractor articles never asked about). ORPO's held-out
 accuracy (the 20% validation pairs, never trained on) is
 measured before ORPO (a run with learning rate 0) and after it; it must rise. The lineage
 of the ORPO checkpoint must read pretrain -> sft -> orpo."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,7 @@ def test_pretrain_sft_replay_orpo(tmp_path, post_training_data):
 
     def orpo(run, steps, lr):
         cfg = post_training_config(d, tmp_path / run, "orpo", "pref")
-        cfg["training"].update(steps=steps, global_batch_size=16, micro_batch_size=4,
-                               eval_interval=steps, eval_steps=3)
+        cfg["training"].update(steps=steps, global_batch_size=16, micro_batch_size=4, eval_interval=steps, eval_steps=3)
         # lambda 1: on this CPU-sized model the odds-ratio term must outweigh the NLL for the
         # preference to carry over to held-out pairs within 40 steps (0.25 does not, measured).
         cfg["objective"]["orpo"] = {"weight": 1.0}
@@ -52,9 +52,11 @@ def test_pretrain_sft_replay_orpo(tmp_path, post_training_data):
 
     before = orpo("orpo_lr0", 1, 0.0)
     after = orpo("orpo", 40, 2e-3)
-    print(f"held-out preference accuracy before ORPO {before['rewards/accuracies']:.3f}, "
-          f"after {after['rewards/accuracies']:.3f}; margin {before['rewards/margins']:.4f} -> "
-          f"{after['rewards/margins']:.4f}")
+    print(
+        f"held-out preference accuracy before ORPO {before['rewards/accuracies']:.3f}, "
+        f"after {after['rewards/accuracies']:.3f}; margin {before['rewards/margins']:.4f} -> "
+        f"{after['rewards/margins']:.4f}"
+    )
     assert after["rewards/accuracies"] > before["rewards/accuracies"]
     assert after["rewards/margins"] > before["rewards/margins"]
     stages = [(e["objective"], e["iteration"]) for e in read_lineage(_ckpt(tmp_path / "orpo", 40))]

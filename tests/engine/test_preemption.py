@@ -1,4 +1,5 @@
 """Signals stop a run cleanly (checkpoint, exit code 75, resume continues); the run-directory lock."""
+
 from __future__ import annotations
 
 import os
@@ -76,8 +77,14 @@ def _start(cfg: dict, run_dir: Path, extra=()) -> subprocess.Popen:
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.Popen([sys.executable, "-m", "engine", "train", str(path), *extra], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "engine", "train", str(path), *extra],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _wait_for(proc: subprocess.Popen, text: str, timeout: float = 120) -> str:
@@ -144,9 +151,24 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, synthetic_data
     run.mkdir(parents=True)
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "engine", "train", str(path)], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "engine",
+            "train",
+            str(path),
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for(proc, "step 2/40", timeout=180)
     workers = psutil.Process(proc.pid).children(recursive=True)
     rank1 = next(w for w in workers if w.environ().get("RANK") == "1")

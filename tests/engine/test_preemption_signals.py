@@ -1,5 +1,6 @@
 """Signals delivered the way torchrun, SLURM and Ctrl-C deliver them (to whole process groups),
 after an earlier checkpoint; a killed launcher; and no process of the run left behind."""
+
 from __future__ import annotations
 
 import os
@@ -26,8 +27,9 @@ class Job:
     descendants remembered (so the test can tell that none survives)."""
 
     def __init__(self, cmd: List[str], env: dict):
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, start_new_session=True)
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        )
         self.lines: List[str] = []
         self.seen: dict = {}
         threading.Thread(target=self._read, daemon=True).start()
@@ -118,8 +120,17 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 
 def _torchrun(path: Path) -> List[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-            "-m", "engine", "train", str(path)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "engine",
+        "train",
+        str(path),
+    ]
 
 
 def _assert_complete_stop(run: Path) -> int:
@@ -182,13 +193,18 @@ def test_srun_like_wrapper_around_torchrun(tmp_path, synthetic_data):
     run, codes, since = tmp_path / "run", tmp_path / "codes", time.time()
     codes.mkdir()
     srun = tmp_path / "srun"
-    srun.write_text('#!/usr/bin/env bash\n"$@" &\nchild=$!\n'
-                    'trap \'kill -s TERM $child\' TERM\ntrap \'kill -s USR1 $child\' USR1\n'
-                    'while true; do rc=0; wait $child || rc=$?; kill -0 $child 2>/dev/null || break; done\n'
-                    'exit $rc\n')
+    srun.write_text(
+        '#!/usr/bin/env bash\n"$@" &\nchild=$!\n'
+        "trap 'kill -s TERM $child' TERM\ntrap 'kill -s USR1 $child' USR1\n"
+        "while true; do rc=0; wait $child || rc=$?; kill -0 $child 2>/dev/null || break; done\n"
+        "exit $rc\n"
+    )
     srun.chmod(0o755)
-    env = _env(tmp_path, ENGINE_EXIT_CODE_DIR=str(codes),
-               TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1")
+    env = _env(
+        tmp_path,
+        ENGINE_EXIT_CODE_DIR=str(codes),
+        TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+    )
     job = Job([str(srun), *_torchrun(_config(synthetic_data, run))], env)
     try:
         job.wait_for("saved checkpoint")
@@ -226,7 +242,7 @@ def test_parent_watchdog_calls_back_once_when_the_parent_dies():
 
     calls = []
     dog = ParentWatchdog(lambda: calls.append(1), poll_s=0.05, grace_s=60)
-    dog.parent = 2 ** 30  # as if the original parent were gone (no such pid)
+    dog.parent = 2**30  # as if the original parent were gone (no such pid)
     dog.start()
     deadline = time.time() + 5
     while not calls and time.time() < deadline:

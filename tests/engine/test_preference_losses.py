@@ -2,6 +2,7 @@
 
 The reference functions below are written from the papers / TRL's definitions with plain
 ``math`` on Python floats, one pair at a time, so they share no code with the engine."""
+
 from __future__ import annotations
 
 import math
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from engine.run_config import load_run_config
 from engine.objectives.dpo import DPOObjective
 from engine.objectives.orpo import ORPOObjective
 from engine.objectives.preference_losses import dpo_terms, log1mexp, orpo_terms
+from engine.run_config import load_run_config
 
 TOL = 1e-6
 
@@ -26,8 +27,13 @@ def ref_orpo(c: float, r: float, nll: float, lam: float):
     """ORPO per pair: log odds = log(p/(1-p)) with p = exp(mean log-prob)."""
     log_odds = (c - math.log(-math.expm1(c))) - (r - math.log(-math.expm1(r)))
     ratio = ref_log_sigmoid(log_odds)
-    return {"loss": nll - lam * ratio, "log_odds_ratio": ratio, "log_odds_chosen": log_odds,
-            "chosen_reward": lam * c, "rejected_reward": lam * r}
+    return {
+        "loss": nll - lam * ratio,
+        "log_odds_ratio": ratio,
+        "log_odds_chosen": log_odds,
+        "chosen_reward": lam * c,
+        "rejected_reward": lam * r,
+    }
 
 
 def ref_dpo(pc, pr, rc, rr, beta, kind, eps=0.0):
@@ -43,8 +49,9 @@ def ref_dpo(pc, pr, rc, rr, beta, kind, eps=0.0):
 
 def _avg_logps(rng, n):
     # Mean log-probs from near zero (p ~ 1, where log(1-p) is fragile) to very negative.
-    return np.concatenate([-10 ** rng.uniform(-9, -3, n // 3), -rng.uniform(0.01, 5, n // 3),
-                           -rng.uniform(20, 200, n - 2 * (n // 3))])
+    return np.concatenate(
+        [-(10 ** rng.uniform(-9, -3, n // 3)), -rng.uniform(0.01, 5, n // 3), -rng.uniform(20, 200, n - 2 * (n // 3))]
+    )
 
 
 def test_log1mexp_stable_at_both_ends():
@@ -95,16 +102,26 @@ def _pair_batch(rng, b=6, s=12):
             start, end = int(rng.integers(1, 5)), int(rng.integers(7, s))
             loss_mask[i, j, start:end] = 1
             nll_mask[i, j, :end] = 1
-    batch = {"tokens": torch.zeros(b, 2, s, dtype=torch.long), "loss_mask": loss_mask, "nll_mask": nll_mask,
-             "pair_index": torch.arange(b)}
+    batch = {
+        "tokens": torch.zeros(b, 2, s, dtype=torch.long),
+        "loss_mask": loss_mask,
+        "nll_mask": nll_mask,
+        "pair_index": torch.arange(b),
+    }
     return batch, per_token
 
 
 @pytest.mark.parametrize("include_prompt", [False, True])
 def test_orpo_objective_metrics_match_reference(include_prompt):
     rng = np.random.default_rng(2)
-    cfg = load_run_config(None, ["objective.name=orpo", "objective.orpo.weight=0.3",
-                             f"objective.orpo.nll_includes_prompt={str(include_prompt).lower()}"])
+    cfg = load_run_config(
+        None,
+        [
+            "objective.name=orpo",
+            "objective.orpo.weight=0.3",
+            f"objective.orpo.nll_includes_prompt={str(include_prompt).lower()}",
+        ],
+    )
     obj = ORPOObjective(cfg)
     batch, per_token = _pair_batch(rng)
     b, _, s = per_token.shape
@@ -112,8 +129,10 @@ def test_orpo_objective_metrics_match_reference(include_prompt):
     metrics = obj.finalize_metrics({k: float(v) for k, v in sums.items()})
     refs = []
     for i in range(b):
-        lp = [-(per_token[i, j] * batch["loss_mask"][i, j]).sum().item() / batch["loss_mask"][i, j].sum().item()
-              for j in range(2)]
+        lp = [
+            -(per_token[i, j] * batch["loss_mask"][i, j]).sum().item() / batch["loss_mask"][i, j].sum().item()
+            for j in range(2)
+        ]
         m = batch["nll_mask" if include_prompt else "loss_mask"][i, 0]
         nll = (per_token[i, 0] * m).sum().item() / m.sum().item()
         refs.append((ref_orpo(lp[0], lp[1], nll, 0.3), nll))
@@ -124,9 +143,11 @@ def test_orpo_objective_metrics_match_reference(include_prompt):
     assert metrics["rewards/chosen"] == pytest.approx(mean(lambda r: r[0]["chosen_reward"]), rel=TOL)
     assert metrics["rewards/rejected"] == pytest.approx(mean(lambda r: r[0]["rejected_reward"]), rel=TOL)
     assert metrics["rewards/margins"] == pytest.approx(
-        mean(lambda r: r[0]["chosen_reward"] - r[0]["rejected_reward"]), rel=TOL)
+        mean(lambda r: r[0]["chosen_reward"] - r[0]["rejected_reward"]), rel=TOL
+    )
     assert metrics["rewards/accuracies"] == pytest.approx(
-        mean(lambda r: float(r[0]["chosen_reward"] > r[0]["rejected_reward"])), abs=1e-12)
+        mean(lambda r: float(r[0]["chosen_reward"] > r[0]["rejected_reward"])), abs=1e-12
+    )
     assert metrics["log_odds_ratio"] == pytest.approx(mean(lambda r: r[0]["log_odds_ratio"]), rel=TOL)
     assert metrics["log_odds_chosen"] == pytest.approx(mean(lambda r: r[0]["log_odds_chosen"]), rel=TOL)
     assert math.isfinite(metrics["loss"])
@@ -153,8 +174,9 @@ def test_dpo_objective_metrics_match_reference(kind):
         refs.append(ref_dpo(p[0], p[1], r[0], r[1], 0.2, kind))
     mean = lambda f: sum(f(r) for r in refs) / b  # noqa: E731
     assert float(loss_sum) / b == pytest.approx(mean(lambda r: r["loss"]), rel=TOL)
-    assert metrics["rewards/margins"] == pytest.approx(mean(lambda r: r["chosen_reward"] - r["rejected_reward"]),
-                                                      rel=TOL, abs=TOL)
+    assert metrics["rewards/margins"] == pytest.approx(
+        mean(lambda r: r["chosen_reward"] - r["rejected_reward"]), rel=TOL, abs=TOL
+    )
     assert metrics["rewards/accuracies"] == mean(lambda r: float(r["chosen_reward"] > r["rejected_reward"]))
 
     # Swapping chosen and rejected flips the sign of the margin.
@@ -179,7 +201,8 @@ def test_dpo_policy_equals_reference_objective_is_ln2():
     obj = DPOObjective(load_run_config(None, ["objective.name=dpo"]))
     batch, per_token = _pair_batch(rng)
     b, _, s = per_token.shape
-    obj.reference = np.array([[-(per_token[i, j] * batch["loss_mask"][i, j]).sum().item() for j in range(2)]
-                              for i in range(b)])
+    obj.reference = np.array(
+        [[-(per_token[i, j] * batch["loss_mask"][i, j]).sum().item() for j in range(2)] for i in range(b)]
+    )
     loss_sum, _, _ = obj.loss_func(batch, per_token.reshape(2 * b, s))
     assert float(loss_sum) / b == pytest.approx(math.log(2.0), rel=1e-7)

@@ -1,4 +1,5 @@
 """Profiling window placement (injected hooks), a CPU torch.profiler run, OOM snapshots, NVTX no-op."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.run_config import load_run_config
 from engine.profiling import NvtxIterator, OomSnapshot, ProfilerWindow, nvtx_range, profiling_callbacks
+from engine.run_config import load_run_config
 from tests.conftest import base_config, run_engine
 
 
@@ -35,11 +36,14 @@ def drive(window: ProfilerWindow, rec: Recorder, steps: int, stop_early_at: int 
     window.on_train_end(None)
 
 
-@pytest.mark.parametrize("start,end,steps,expected", [
-    (3, 5, 8, [("start", 3), ("stop", 5)]),
-    (2, 2, 4, [("start", 2), ("stop", 2)]),
-    (4, 9, 6, [("start", 4), ("stop", 6)]),  # the run ends inside the window: closed once at the end
-])
+@pytest.mark.parametrize(
+    "start,end,steps,expected",
+    [
+        (3, 5, 8, [("start", 3), ("stop", 5)]),
+        (2, 2, 4, [("start", 2), ("stop", 2)]),
+        (4, 9, 6, [("start", 4), ("stop", 6)]),  # the run ends inside the window: closed once at the end
+    ],
+)
 def test_window_starts_and_stops_exactly_once(tmp_path, start, end, steps, expected):
     rec = Recorder()
     drive(ProfilerWindow(start, end, [0], tmp_path, start_fn=rec.start, stop_fn=rec.stop, rank=0), rec, steps)

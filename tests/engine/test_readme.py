@@ -1,4 +1,5 @@
 """The README's promises that code can check: its config reference and its two commands."""
+
 from __future__ import annotations
 
 import re
@@ -11,7 +12,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_config_reference_matches_code():
     assert embedded_reference(README.read_text()) == reference_markdown().strip(), (
-        "README config reference is stale: run `python -m engine config --update-readme README.md`")
+        "README config reference is stale: run `python -m engine config --update-readme README.md`"
+    )
 
 
 def test_two_commands_at_top_and_ci_uses_the_test_command():

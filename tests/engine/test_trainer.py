@@ -1,9 +1,10 @@
 """End-to-end runs of the training loop on one CPU process: logs, validation, blending."""
+
 from __future__ import annotations
 
-import pytest
-
 import json
+
+import pytest
 
 from tests.conftest import base_config, run_engine, step_metrics, write_synthetic_dataset
 
@@ -12,8 +13,10 @@ def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     other = str(write_synthetic_dataset(tmp_path / "other", 300, seed=5))
     cfg = base_config(synthetic_data, tmp_path / "run")
     del cfg["data"]["paths"]
-    cfg["data"]["blend"] = [{"name": "arith", "path": synthetic_data, "weight": 0.75},
-                            {"name": "other", "path": other, "weight": 0.25}]
+    cfg["data"]["blend"] = [
+        {"name": "arith", "path": synthetic_data, "weight": 0.75},
+        {"name": "other", "path": other, "weight": 0.25},
+    ]
     cfg["training"].update(steps=6, eval_interval=3, eval_steps=1)
     cfg["logging"].update(interval=3, tensorboard=True)
     proc = run_engine(cfg)
@@ -60,8 +63,12 @@ def test_resume_after_a_crash_records_each_step_once(tmp_path, synthetic_data):
     cfg["checkpoint"]["resume"] = True
     run_engine(cfg)
     assert [r["step"] for r in step_metrics(tmp_path / "run")] == [1, 2, 3, 4, 5, 6]
-    out = subprocess.run([sys.executable, "examples/summarize_metrics.py", str(tmp_path / "run")],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "examples/summarize_metrics.py", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "steps measured: 5 (steps 2..6)" in out
 
 
@@ -83,20 +90,29 @@ def _reduce_tagged_metrics(rank):
 
     from engine.trainer import Trainer
 
-    owner = types.SimpleNamespace(objective=types.SimpleNamespace(metric_names=["loss_sum", "loss_tokens"]),
-                                  dataset_names=["a", "b"])
-    store = [{"loss_sum": torch.tensor(1.0 + rank), "loss_tokens": torch.tensor(10.0), "tokens_ds0": torch.tensor(4.0)},
-             {"loss_sum": torch.tensor(100.0 * (rank + 1)), "loss_tokens": torch.tensor(5.0),
-              "tokens_ds1": torch.tensor(2.0)}]
+    owner = types.SimpleNamespace(
+        objective=types.SimpleNamespace(metric_names=["loss_sum", "loss_tokens"]), dataset_names=["a", "b"]
+    )
+    store = [
+        {"loss_sum": torch.tensor(1.0 + rank), "loss_tokens": torch.tensor(10.0), "tokens_ds0": torch.tensor(4.0)},
+        {
+            "loss_sum": torch.tensor(100.0 * (rank + 1)),
+            "loss_tokens": torch.tensor(5.0),
+            "tokens_ds1": torch.tensor(2.0),
+        },
+    ]
     return Trainer._reduce_metrics(owner, store)
 
 
-@pytest.mark.parametrize("layout, sizes, expected", [
-    # DP=2: both replicas' sums; TP=2: one rank per replica (rank 0); PP=2: the last stage (rank 1).
-    ("dp2", {}, {"loss_sum": 303.0, "loss_tokens": 30.0, "tokens_ds0": 8.0, "tokens_ds1": 4.0}),
-    ("tp2", {"tensor": 2}, {"loss_sum": 101.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
-    ("pp2", {"pipeline": 2}, {"loss_sum": 202.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
-])
+@pytest.mark.parametrize(
+    "layout, sizes, expected",
+    [
+        # DP=2: both replicas' sums; TP=2: one rank per replica (rank 0); PP=2: the last stage (rank 1).
+        ("dp2", {}, {"loss_sum": 303.0, "loss_tokens": 30.0, "tokens_ds0": 8.0, "tokens_ds1": 4.0}),
+        ("tp2", {"tensor": 2}, {"loss_sum": 101.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
+        ("pp2", {"pipeline": 2}, {"loss_sum": 202.0, "loss_tokens": 15.0, "tokens_ds0": 4.0, "tokens_ds1": 2.0}),
+    ],
+)
 def test_metric_reduction_counts_each_replica_once(run_distributed, layout, sizes, expected):
     """Two in-process gloo ranks: micro-batch sums are reduced over data-parallel replicas only
     (tensor-parallel copies and earlier pipeline stages do not add), and every rank gets them."""

@@ -1,4 +1,5 @@
 """examples/kernel_breakdown.py on a hand-made Chrome trace with known kernel times."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,12 @@ def test_breakdown_shares(tmp_path):
     events.append({"name": "ProfilerStep#5", "ts": 0, "dur": 1250, "cat": "user_annotation"})
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    out = subprocess.run([sys.executable, str(REPO / "examples" / "kernel_breakdown.py"), str(trace)],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, str(REPO / "examples" / "kernel_breakdown.py"), str(trace)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "GPU kernel time 1.0 ms, window wall time 1.2 ms" in out  # 1000 us of 1250 us
     shares = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:4]}
     assert shares == {"gemm": "70.0%", "attention": "15.0%", "other": "15.0%"}

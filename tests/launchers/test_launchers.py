@@ -1,4 +1,5 @@
 """Launchers: shellcheck, DRY_RUN output (local and faked SLURM), requeue, and a real CPU run."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,7 @@ def _env(tmp_path: Path, **extra) -> dict:
     stubs = tmp_path / "bin"
     stubs.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.update(PYTHON=sys.executable, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               PATH=f"{stubs}:/usr/bin:/bin")
+    env.update(PYTHON=sys.executable, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1", PATH=f"{stubs}:/usr/bin:/bin")
     env.update(extra)
     return env
 
@@ -51,12 +51,22 @@ def _resolved(stdout: str) -> dict:
 
 
 def _fake_slurm(tmp_path: Path, **extra) -> dict:
-    _stub(tmp_path, "scontrol",
-          'if [ "$1 $2" = "show hostnames" ]; then printf "gpu07\\ngpu08\\n"; '
-          'else echo "scontrol $*" >> "$SCONTROL_LOG"; fi')
-    return _env(tmp_path, SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2", SLURM_NODEID="1",
-                SLURM_JOB_ID="4242", SLURM_SUBMIT_DIR=str(REPO), SCONTROL_LOG=str(tmp_path / "scontrol.log"),
-                **extra)
+    _stub(
+        tmp_path,
+        "scontrol",
+        'if [ "$1 $2" = "show hostnames" ]; then printf "gpu07\\ngpu08\\n"; '
+        'else echo "scontrol $*" >> "$SCONTROL_LOG"; fi',
+    )
+    return _env(
+        tmp_path,
+        SLURM_JOB_NODELIST="gpu[07-08]",
+        SLURM_NNODES="2",
+        SLURM_NODEID="1",
+        SLURM_JOB_ID="4242",
+        SLURM_SUBMIT_DIR=str(REPO),
+        SCONTROL_LOG=str(tmp_path / "scontrol.log"),
+        **extra,
+    )
 
 
 def test_shellcheck_every_launcher():
@@ -69,12 +79,15 @@ def test_shellcheck_every_launcher():
     assert proc.returncode == 0, proc.stdout
 
 
-@pytest.mark.parametrize("script,preset,sizes,dtype,objective", [
-    ("pretrain_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "fp8", "pretrain"),
-    ("sft_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "sft"),
-    ("orpo_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "orpo"),
-    ("moe_ep_b200.sh", "keural-moe-15b", {"tensor": 1, "pipeline": 1, "expert": 8}, "bf16", "pretrain"),
-])
+@pytest.mark.parametrize(
+    "script,preset,sizes,dtype,objective",
+    [
+        ("pretrain_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "fp8", "pretrain"),
+        ("sft_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "sft"),
+        ("orpo_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "orpo"),
+        ("moe_ep_b200.sh", "keural-moe-15b", {"tensor": 1, "pipeline": 1, "expert": 8}, "bf16", "pretrain"),
+    ],
+)
 def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, sizes, dtype, objective):
     proc = _run([f"launchers/{script}"], _env(tmp_path, DRY_RUN="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -99,8 +112,9 @@ def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, s
 
 
 def test_environment_overrides_and_extra_arguments(tmp_path):
-    proc = _run(["launchers/pretrain_3b_b200.sh", "training.eval_interval=50"],
-                _env(tmp_path, DRY_RUN="1", MBS="2", TP="2"))
+    proc = _run(
+        ["launchers/pretrain_3b_b200.sh", "training.eval_interval=50"], _env(tmp_path, DRY_RUN="1", MBS="2", TP="2")
+    )
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"MBS +2 .*\(environment\)", proc.stdout)
     cfg = _resolved(proc.stdout)
@@ -113,8 +127,13 @@ def test_slurm_scripts_compute_rendezvous_from_slurm_variables(tmp_path, sbatch)
     proc = _run([f"launchers/slurm/{sbatch}"], _fake_slurm(tmp_path, DRY_RUN="1"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rdzv = dict(re.findall(r"(\w+)=(\S+)", next(line for line in proc.stdout.splitlines() if "rendezvous:" in line)))
-    assert rdzv == {"MASTER_ADDR": "gpu07", "MASTER_PORT": str(20000 + 4242), "NNODES": "2", "NODE_RANK": "1",
-                    "WORLD_SIZE": "16"}
+    assert rdzv == {
+        "MASTER_ADDR": "gpu07",
+        "MASTER_PORT": str(20000 + 4242),
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "WORLD_SIZE": "16",
+    }
     srun = next(line for line in proc.stdout.splitlines() if "srun command:" in line)
     assert "--ntasks=16" in srun and "--ntasks-per-node=8" in srun
     assert "--world-size 16" in proc.stdout and _resolved(proc.stdout)["checkpoint"]["resume"] is True
@@ -140,8 +159,10 @@ def test_without_gpus_a_launcher_refuses_in_one_line(tmp_path):
 
 
 def test_profile_nsys_dry_run_wraps_the_launcher_with_a_capture_window(tmp_path):
-    proc = _run(["launchers/profile_nsys.sh", "launchers/pretrain_3b_b200.sh"],
-                _env(tmp_path, DRY_RUN="1", PROFILE_START="4", PROFILE_END="6"))
+    proc = _run(
+        ["launchers/profile_nsys.sh", "launchers/pretrain_3b_b200.sh"],
+        _env(tmp_path, DRY_RUN="1", PROFILE_START="4", PROFILE_END="6"),
+    )
     assert proc.returncode == 0, proc.stderr
     nsys = next(line for line in proc.stdout.splitlines() if "nsys command:" in line)
     assert "--capture-range=cudaProfilerApi" in nsys and "--capture-range-end=stop" in nsys
@@ -177,8 +198,14 @@ def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
 
     run_dir = tmp_path / "run"
     env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
-    proc = subprocess.Popen(["bash", "launchers/pretrain_3b_b200.sh"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "launchers/pretrain_3b_b200.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     tree = {}
     try:
         deadline = time.time() + 90
@@ -212,8 +239,14 @@ def test_kill_9_of_the_launcher_stops_the_job_with_a_checkpoint(tmp_path):
 
     run_dir = tmp_path / "run"
     env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
-    proc = subprocess.Popen(["bash", "launchers/pretrain_3b_b200.sh"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", "launchers/pretrain_3b_b200.sh"],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     tree = {}
     try:
         deadline = time.time() + 90
@@ -224,11 +257,11 @@ def test_kill_9_of_the_launcher_stops_the_job_with_a_checkpoint(tmp_path):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
         deadline = time.time() + 60
-        while time.time() < deadline and [p for p in tree.values()
-                                          if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        while time.time() < deadline and [
+            p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]:
             time.sleep(0.2)
-        alive = [" ".join(p.cmdline()) for p in tree.values()
-                 if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        alive = [" ".join(p.cmdline()) for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     finally:
         for p in tree.values():
             try:

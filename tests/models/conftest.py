@@ -4,6 +4,7 @@ megatron-core's process groups cannot be re-created cheaply inside one process, 
 group is started once; tests that build models only re-create the (TP=PP=1) model-parallel
 layout, which also re-seeds megatron's RNG tracker so every build is reproducible.
 """
+
 from __future__ import annotations
 
 from typing import Callable, Dict, Sequence, Tuple

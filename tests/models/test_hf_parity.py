@@ -3,6 +3,7 @@
 Every parity check is paired with a deliberately wrong mapping that must fail it, so the
 1e-4 tolerance is shown to detect the bug the seed run shipped (an unsplit fused QKV).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -131,7 +132,7 @@ def _zero_padding(sd, cfg):
     for k in ("embedding.word_embeddings.weight", "output_layer.weight"):
         if k in sd:
             sd[k] = sd[k].clone()
-            sd[k][cfg.model.vocab_size:] = 0
+            sd[k][cfg.model.vocab_size :] = 0
     return sd
 
 
@@ -181,7 +182,9 @@ def test_megatron_missing_or_extra_key_raises(build_megatron):
     sd = dict(model.state_dict())
     missing = dict(sd)
     del missing["decoder.layers.1.self_attention.linear_qkv.weight"]
-    with pytest.raises(hc.ConversionError, match=r"missing 1 keys: decoder\.layers\.1\.self_attention\.linear_qkv\.weight"):
+    with pytest.raises(
+        hc.ConversionError, match=r"missing 1 keys: decoder\.layers\.1\.self_attention\.linear_qkv\.weight"
+    ):
         hc.megatron_to_hf(missing, cfg.model)
     extra = dict(sd, **{"decoder.layers.0.self_attention.q_layernorm.weight": torch.ones(16)})
     with pytest.raises(hc.ConversionError, match=r"unexpected 1 keys: .*q_layernorm"):

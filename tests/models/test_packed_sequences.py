@@ -5,6 +5,7 @@ The oracle is the same megatron-core model on every segment separately (batch 1,
 control runs the packed rows without the THD parameters (plain causal attention over the
 row) and must differ, so the comparison can detect attention or RoPE crossing a boundary.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,7 @@ def _packed_batch(vocab: int):
     for r, lengths in enumerate(ROWS):
         at = 0
         for n in lengths + ([SEQ - sum(lengths)] if sum(lengths) < SEQ else []):
-            pos[r, at:at + n] = torch.arange(n)
+            pos[r, at : at + n] = torch.arange(n)
             segments.append((r, at, n))
             at += n
     return {"tokens": tokens, "labels": labels, "position_ids": pos}, segments
@@ -54,8 +55,12 @@ def test_packed_equals_each_conversation_alone(build_megatron, overrides):
         packed = model(tokens, pos, None, labels=labels, packed_seq_params=params).reshape(len(ROWS), SEQ)
         alone = torch.zeros_like(packed)
         for r, a, n in segments:
-            alone[r, a:a + n] = model(batch["tokens"][r:r + 1, a:a + n], torch.arange(n).unsqueeze(0), None,
-                                      labels=batch["labels"][r:r + 1, a:a + n])[0]
+            alone[r, a : a + n] = model(
+                batch["tokens"][r : r + 1, a : a + n],
+                torch.arange(n).unsqueeze(0),
+                None,
+                labels=batch["labels"][r : r + 1, a : a + n],
+            )[0]
         crossing = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     diff = (packed - alone).abs().max().item()
     assert diff <= TOL, f"packed vs alone: max per-token loss difference {diff:.3e}"
@@ -78,8 +83,15 @@ def test_sft_objective_trains_packed_rows_per_conversation(build_megatron):
     batch.update(loss_mask=loss_mask, dataset_id=torch.zeros(len(ROWS), dtype=torch.long))
     with torch.no_grad():
         alone = sum(
-            (model(batch["tokens"][r:r + 1, a:a + n], torch.arange(n).unsqueeze(0), None,
-                   labels=batch["labels"][r:r + 1, a:a + n])[0] * loss_mask[r, a:a + n]).sum()
+            (
+                model(
+                    batch["tokens"][r : r + 1, a : a + n],
+                    torch.arange(n).unsqueeze(0),
+                    None,
+                    labels=batch["labels"][r : r + 1, a : a + n],
+                )[0]
+                * loss_mask[r, a : a + n]
+            ).sum()
             for r, a, n in segments
         )
 

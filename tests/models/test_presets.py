@@ -1,4 +1,5 @@
 """Parameter counts of the presets, computed from the built model (meta device)."""
+
 from __future__ import annotations
 
 import pytest

@@ -8,9 +8,8 @@ tolerance is 1e-5 relative, while such bugs move the loss by far more. Adam hide
 *scaled* gradient from the loss (its update is scale-free), so the global gradient norm
 before clipping, which a wrong scale changes directly, is compared too.
 """
-from __future__ import annotations
 
-import copy
+from __future__ import annotations
 
 import pytest
 
@@ -49,10 +48,12 @@ def llama_reference(tmp_path_factory, synthetic_data):
 def _assert_same(reference, got, label):
     assert len(got) == len(reference) == 5, (label, got)
     for step, (a, b) in enumerate(zip(reference, got), 1):
-        assert abs(a["loss"] - b["loss"]) <= REL_TOL * abs(a["loss"]), \
+        assert abs(a["loss"] - b["loss"]) <= REL_TOL * abs(a["loss"]), (
             f"{label}: step {step} loss {b['loss']!r} != single-rank {a['loss']!r}"
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_NORM_REL_TOL * a["grad_norm"], \
+        )
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= GRAD_NORM_REL_TOL * a["grad_norm"], (
             f"{label}: step {step} grad norm {b['grad_norm']!r} != single-rank {a['grad_norm']!r}"
+        )
 
 
 def test_reference_run_learns(llama_reference):
@@ -61,8 +62,9 @@ def test_reference_run_learns(llama_reference):
     assert ref[-1]["loss"] < ref[0]["loss"] - 0.05, ref
 
 
-@pytest.mark.parametrize("layout", [pytest.param(k, marks=pytest.mark.slow) if k == "tp2_pp2" else k
-                                    for k in LLAMA_LAYOUTS])
+@pytest.mark.parametrize(
+    "layout", [pytest.param(k, marks=pytest.mark.slow) if k == "tp2_pp2" else k for k in LLAMA_LAYOUTS]
+)
 def test_llama_layout_matches_single_rank(layout, llama_reference, synthetic_data):
     root, init_ckpt, ref = llama_reference
     nproc, overrides = LLAMA_LAYOUTS[layout]

@@ -1,4 +1,5 @@
 """Layout planner: parameter counts against the built model, memory against a measured CPU run."""
+
 from __future__ import annotations
 
 import json
@@ -42,16 +43,28 @@ def test_parameter_counts_equal_the_built_model(preset, megatron_single_rank):
 
 def test_plan_cli_layout_errors_and_suggestion():
     def plan(*args):
-        return subprocess.run([sys.executable, "-m", "engine", "plan", *args], cwd=REPO, capture_output=True,
-                              text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        return subprocess.run(
+            [sys.executable, "-m", "engine", "plan", *args],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, PYTHONWARNINGS="ignore"),
+        )
 
     bad = plan("frankenstallm-3b", "parallel.tensor=16", "--gpus-per-node", "16")
     assert bad.returncode == 2 and "num_attention_heads (24) is not divisible by parallel.tensor (16)" in bad.stderr
     big = plan("frankenstallm-3b", "training.global_batch_size=256", "training.micro_batch_size=32", "--gpu", "h100")
     assert big.returncode == 0, big.stderr
     assert "DOES NOT FIT" in big.stdout and "suggestion: training.micro_batch_size=" in big.stdout
-    ok = plan("frankenstallm-3b", "training.global_batch_size=256", "training.micro_batch_size=2",
-              "precision.dtype=fp8", "--gpu", "b200", "--json")
+    ok = plan(
+        "frankenstallm-3b",
+        "training.global_batch_size=256",
+        "training.micro_batch_size=2",
+        "precision.dtype=fp8",
+        "--gpu",
+        "b200",
+        "--json",
+    )
     p = json.loads(ok.stdout)
     assert p["fits"] and p["precision"] == "mxfp8" and p["data"] == 8 and p["micro_batches"] == 16
     # Step time = FLOPs / (GPUs x peak x MFU).
@@ -59,8 +72,16 @@ def test_plan_cli_layout_errors_and_suggestion():
 
 
 def test_distributed_optimizer_and_parallel_sizes_shrink_per_gpu_state():
-    cfg = load_run_config(None, ["model.preset=frankenstallm-3b", "data.mock=true", "data.seq_length=4096",
-                             "training.global_batch_size=64", "precision.dtype=bf16"])
+    cfg = load_run_config(
+        None,
+        [
+            "model.preset=frankenstallm-3b",
+            "data.mock=true",
+            "data.seq_length=4096",
+            "training.global_batch_size=64",
+            "precision.dtype=bf16",
+        ],
+    )
     counts = parameter_counts(cfg.model)
     one = gpu_memory(cfg, counts, 8)
     assert one.optimizer_no_do == counts.total * 12 and one.optimizer_do == pytest.approx(counts.total * 12 / 8)
@@ -86,10 +107,14 @@ def test_plan_memory_matches_a_measured_cpu_run(tmp_path, synthetic_data):
     Checkpoints are off: saving is not part of the training-step peak the plan describes.
     """
     cfg = {
-        "model": {"preset": "tiny-llama", "hidden_size": 1024, "ffn_hidden_size": 2816,
-                  "num_attention_heads": 16, "num_query_groups": 4},
-        "data": {"paths": [synthetic_data], "seq_length": 64, "split": "90,5,5",
-                 "cache_dir": str(tmp_path / "cache")},
+        "model": {
+            "preset": "tiny-llama",
+            "hidden_size": 1024,
+            "ffn_hidden_size": 2816,
+            "num_attention_heads": 16,
+            "num_query_groups": 4,
+        },
+        "data": {"paths": [synthetic_data], "seq_length": 64, "split": "90,5,5", "cache_dir": str(tmp_path / "cache")},
         "training": {"steps": 2, "global_batch_size": 2, "micro_batch_size": 1},
         "parallel": {"distributed_optimizer": False},
         "precision": {"dtype": "fp32"},
@@ -97,8 +122,9 @@ def test_plan_memory_matches_a_measured_cpu_run(tmp_path, synthetic_data):
         "checkpoint": {"dir": str(tmp_path / "run"), "enabled": False, "lock": False},
     }
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(cfg)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(cfg)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rss = json.loads(proc.stdout.split("RSS ", 1)[1].splitlines()[0])
     measured = rss["peak"] - rss["base"]
@@ -110,16 +136,19 @@ def test_plan_memory_matches_a_measured_cpu_run(tmp_path, synthetic_data):
     assert abs(measured - planned) / measured < 0.15, (measured / 2**20, planned / 2**20)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--gpus-per-node", "0"], "argument --gpus-per-node: must be >= 1, got 0"),
-    (["--nodes", "0"], "argument --nodes: must be >= 1, got 0"),
-    (["--nodes", "-2"], "argument --nodes: must be >= 1, got -2"),
-    (["--mfu", "0"], "argument --mfu: must be in (0, 1], got 0"),
-    (["--mfu", "-0.4"], "argument --mfu: must be in (0, 1], got -0.4"),
-    (["--mfu", "1.5"], "argument --mfu: must be in (0, 1], got 1.5"),
-    (["--reserve", "1"], "argument --reserve: must be in [0, 1), got 1"),
-    (["--reserve", "-0.1"], "argument --reserve: must be in [0, 1), got -0.1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--gpus-per-node", "0"], "argument --gpus-per-node: must be >= 1, got 0"),
+        (["--nodes", "0"], "argument --nodes: must be >= 1, got 0"),
+        (["--nodes", "-2"], "argument --nodes: must be >= 1, got -2"),
+        (["--mfu", "0"], "argument --mfu: must be in (0, 1], got 0"),
+        (["--mfu", "-0.4"], "argument --mfu: must be in (0, 1], got -0.4"),
+        (["--mfu", "1.5"], "argument --mfu: must be in (0, 1], got 1.5"),
+        (["--reserve", "1"], "argument --reserve: must be in [0, 1), got 1"),
+        (["--reserve", "-0.1"], "argument --reserve: must be in [0, 1), got -0.1"),
+    ],
+)
 def test_plan_cli_rejects_out_of_range_numbers_in_one_line(args, message, capsys):
     from engine.cli import main
 

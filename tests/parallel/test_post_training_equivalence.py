@@ -10,6 +10,7 @@ micro-batching must too. DPO's reference log-probabilities are computed by each 
 itself (its own copy of the data), so the forward-only reference pass is checked under
 every layout as well: at step 1 policy = reference and the loss is ln 2.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,8 +65,9 @@ def _close(a, b, tol):
 
 # DPO in the default suite (preference pairs through the pipeline, the reference pass, ln 2 at
 # step 1); SFT (packed, replay) and ORPO in the slow one (bash tests/run.sh -m slow).
-@pytest.mark.parametrize("objective", [pytest.param("sft", marks=pytest.mark.slow),
-                                       pytest.param("orpo", marks=pytest.mark.slow), "dpo"])
+@pytest.mark.parametrize(
+    "objective", [pytest.param("sft", marks=pytest.mark.slow), pytest.param("orpo", marks=pytest.mark.slow), "dpo"]
+)
 def test_post_training_step_same_in_every_layout(objective, init_ckpt, post_training_data):
     root, init = init_ckpt
     ref = _run(objective, "single", root, init, post_training_data)

@@ -3,6 +3,7 @@ the faulted job: it widens the window in which a checkpoint is being written (a 
 megatron-core's ``dist_checkpointing.save`` wrote the shards, before the engine writes the
 manifest and renames ``iter_N.tmp``), so that a kill can land inside a save on purpose
 instead of by luck. Nothing of the engine is changed; the reference run does not load it."""
+
 import os
 
 _DELAY = float(os.environ.get("CHAOS_SAVE_DELAY_S", "0") or 0)

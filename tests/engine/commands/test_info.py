@@ -1,13 +1,17 @@
 """`engine info` / `engine plan` targets: a misspelt preset is a one-line error listing the presets."""
+
 from __future__ import annotations
 
 import pytest
 
 
-@pytest.mark.parametrize("command, target, close", [
-    ("info", "tiny-lama", "'tiny-llama'"),
-    ("plan", "frankenstalm-3b", "'frankenstallm-3b'"),
-])
+@pytest.mark.parametrize(
+    "command, target, close",
+    [
+        ("info", "tiny-lama", "'tiny-llama'"),
+        ("plan", "frankenstalm-3b", "'frankenstallm-3b'"),
+    ],
+)
 def test_unknown_preset_lists_presets_and_the_close_match(command, target, close, capsys):
     from engine.cli import main
     from models.presets import PRESETS

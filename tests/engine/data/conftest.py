@@ -1,10 +1,10 @@
 """Fixtures for the data-pipeline tests: tiny tokenizers trained once per session."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
 from data_test_helpers import SAMPLE
 
 

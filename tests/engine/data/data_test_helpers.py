@@ -1,4 +1,5 @@
 """Shared constants and helpers of the data-pipeline tests (imported by conftest and tests)."""
+
 from __future__ import annotations
 
 import json

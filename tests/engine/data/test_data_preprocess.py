@@ -1,4 +1,5 @@
 """Preprocessing to megatron-core .bin/.idx: correctness, formats, bad input, interruption."""
+
 from __future__ import annotations
 
 import gzip
@@ -8,13 +9,12 @@ from pathlib import Path
 
 import numpy
 import pytest
+from data_test_helpers import SAMPLE, sample_docs
 
 from engine.data.indexed_writer import token_dtype
 from engine.data.preprocess import PreprocessError, preprocess
 from engine.data.readers import BadRecord
 from engine.data.tokenizer import load_tokenizer
-
-from data_test_helpers import SAMPLE, sample_docs
 
 
 def read_docs(prefix) -> list:
@@ -57,8 +57,7 @@ def test_documents_equal_tokenizer_output_plus_eos(tmp_path, unigram_dir):
 
 def test_two_workers_write_identical_files(tmp_path, unigram_dir):
     preprocess([str(SAMPLE)], str(unigram_dir), str(tmp_path / "a"), workers=1, progress=False)
-    preprocess([str(SAMPLE)], str(unigram_dir), str(tmp_path / "b"), workers=2, progress=False,
-               chunk_bytes=64 << 10)
+    preprocess([str(SAMPLE)], str(unigram_dir), str(tmp_path / "b"), workers=2, progress=False, chunk_bytes=64 << 10)
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"a{ext}").read_bytes() == (tmp_path / f"b{ext}").read_bytes()
 
@@ -107,12 +106,10 @@ def test_input_formats(tmp_path, unigram_dir):
     preprocess([str(tmp_path / "lines.txt")], str(unigram_dir), str(tmp_path / "t1"), progress=False)
     assert read_docs(tmp_path / "t1") == [tok.encode(t) + [tok.eod] for t in ["one line", "두 번째 줄"]]
     (tmp_path / "blank.txt").write_text("doc one\nline two\n\n\ndoc two\n", encoding="utf-8")
-    preprocess([str(tmp_path / "blank.txt")], str(unigram_dir), str(tmp_path / "t2"), text_docs="blank",
-               progress=False)
+    preprocess([str(tmp_path / "blank.txt")], str(unigram_dir), str(tmp_path / "t2"), text_docs="blank", progress=False)
     assert read_docs(tmp_path / "t2") == [tok.encode(t) + [tok.eod] for t in ["doc one\nline two", "doc two"]]
     # A glob picks files in sorted order.
-    preprocess([str(tmp_path / "a.jsonl*")], str(unigram_dir), str(tmp_path / "g"), json_key="body",
-               progress=False)
+    preprocess([str(tmp_path / "a.jsonl*")], str(unigram_dir), str(tmp_path / "g"), json_key="body", progress=False)
     assert len(read_docs(tmp_path / "g")) == 3 * 3
 
 
@@ -147,15 +144,36 @@ def test_cli_reports_bad_input(tmp_path, unigram_dir, capsys):
 
     src = tmp_path / "in.jsonl"
     src.write_bytes(BAD_CASES["malformed_json"])
-    rc = main(["preprocess", "--input", str(src), "--tokenizer", str(unigram_dir),
-               "--output-prefix", str(tmp_path / "o"), "--no-progress"])
+    rc = main(
+        [
+            "preprocess",
+            "--input",
+            str(src),
+            "--tokenizer",
+            str(unigram_dir),
+            "--output-prefix",
+            str(tmp_path / "o"),
+            "--no-progress",
+        ]
+    )
     assert rc == 1
     err = capsys.readouterr().err
     assert f"{src}:line 2: malformed_json" in err and "no output written" in err
     assert not list(tmp_path.glob("o*"))
     with pytest.raises(SystemExit):
-        main(["preprocess", "--input", str(src), "--tokenizer", str(unigram_dir),
-              "--output-prefix", str(tmp_path / "o"), "--kind", "no-such-kind"])
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(src),
+                "--tokenizer",
+                str(unigram_dir),
+                "--output-prefix",
+                str(tmp_path / "o"),
+                "--kind",
+                "no-such-kind",
+            ]
+        )
 
 
 def test_killed_worker_leaves_no_complete_output(tmp_path, unigram_dir):
@@ -164,8 +182,16 @@ def test_killed_worker_leaves_no_complete_output(tmp_path, unigram_dir):
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(BrokenProcessPool):
-        preprocess([str(SAMPLE)], str(unigram_dir), str(out / "data"), workers=2, progress=False,
-                   chunk_bytes=32 << 10, shard_docs=50, _crash_worker_after=2)
+        preprocess(
+            [str(SAMPLE)],
+            str(unigram_dir),
+            str(out / "data"),
+            workers=2,
+            progress=False,
+            chunk_bytes=32 << 10,
+            shard_docs=50,
+            _crash_worker_after=2,
+        )
     assert final_files(out) == []
 
 
@@ -192,10 +218,30 @@ def test_exception_mid_run_leaves_no_complete_output(tmp_path, unigram_dir, monk
 def test_shards_then_merge_equal_single_output(tmp_path, unigram_dir):
     from engine.cli import main
 
-    assert main(["preprocess", "--input", str(SAMPLE), "--tokenizer", str(unigram_dir),
-                 "--output-prefix", str(tmp_path / "whole"), "--no-progress"]) == 0
-    summary = preprocess([str(SAMPLE)], str(unigram_dir), str(tmp_path / "sh"), shard_docs=100,
-                         workers=2, progress=False, chunk_bytes=64 << 10)
+    assert (
+        main(
+            [
+                "preprocess",
+                "--input",
+                str(SAMPLE),
+                "--tokenizer",
+                str(unigram_dir),
+                "--output-prefix",
+                str(tmp_path / "whole"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    summary = preprocess(
+        [str(SAMPLE)],
+        str(unigram_dir),
+        str(tmp_path / "sh"),
+        shard_docs=100,
+        workers=2,
+        progress=False,
+        chunk_bytes=64 << 10,
+    )
     assert [Path(p).name for p in summary["prefixes"]] == ["sh_00000", "sh_00001", "sh_00002"]
     counts = [json.loads(Path(p + ".json").read_text())["documents"] for p in summary["prefixes"]]
     assert counts == [100, 100, 96]
@@ -203,7 +249,9 @@ def test_shards_then_merge_equal_single_output(tmp_path, unigram_dir):
     for ext in (".bin", ".idx"):
         assert (tmp_path / f"merged{ext}").read_bytes() == (tmp_path / f"whole{ext}").read_bytes()
     merged = json.loads((tmp_path / "merged.json").read_text())
-    assert merged["documents"] == 296 and merged["tokens"] == json.loads((tmp_path / "whole.json").read_text())["tokens"]
+    assert (
+        merged["documents"] == 296 and merged["tokens"] == json.loads((tmp_path / "whole.json").read_text())["tokens"]
+    )
 
 
 def test_merge_refuses_mixed_tokenizers(tmp_path, unigram_dir, bpe_dir):
@@ -225,8 +273,9 @@ def test_inspect(tmp_path, unigram_dir, capsys):
     stats = inspect_dataset(str(tmp_path / "d"), num_docs=2)
     assert stats["documents"] == 296 and stats["problems"] == []
     assert stats["documents_without_final_eod"] == 0
-    assert [s["text"] for s in stats["samples"]] == [load_tokenizer(unigram_dir).decode(
-        load_tokenizer(unigram_dir).encode(t)) for t in sample_docs(2)]
+    assert [s["text"] for s in stats["samples"]] == [
+        load_tokenizer(unigram_dir).decode(load_tokenizer(unigram_dir).encode(t)) for t in sample_docs(2)
+    ]
     assert main(["data", "inspect", str(tmp_path / "d.bin"), "--num-docs", "1"]) == 0
     assert "296 documents" in capsys.readouterr().out
 

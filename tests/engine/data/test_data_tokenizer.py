@@ -1,16 +1,16 @@
 """Tokenizer training, loading, HF parity and lint."""
+
 from __future__ import annotations
 
 import json
 import random
 
 import pytest
+from data_test_helpers import MIXED_TEXTS, SAMPLE, sample_docs
 
 from engine.data.tokenizer import TokenizerError, load_tokenizer
 from engine.data.tokenizer_lint import PROBES, lint_tokenizer
 from engine.data.tokenizer_train import train_tokenizer
-
-from data_test_helpers import MIXED_TEXTS, SAMPLE, sample_docs
 
 
 def random_unicode(rng: random.Random, length: int) -> str:
@@ -140,8 +140,19 @@ def test_lint_fails_without_byte_fallback(tmp_path):
     from engine.cli import main
 
     out = tmp_path / "tok"
-    rc = main(["tokenizer", "train", "--input", str(SAMPLE), "--output-dir", str(out),
-               "--vocab-size", "1000", "--no-byte-fallback"])
+    rc = main(
+        [
+            "tokenizer",
+            "train",
+            "--input",
+            str(SAMPLE),
+            "--output-dir",
+            str(out),
+            "--vocab-size",
+            "1000",
+            "--no-byte-fallback",
+        ]
+    )
     assert rc == 1  # training ran, but its automatic lint failed
     report = lint_tokenizer(load_tokenizer(out), sample_docs(50))
     assert not report["ok"]
@@ -168,8 +179,21 @@ def test_cli_train_on_empty_input_is_one_line_error(tmp_path, capsys):
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     for path in (empty, blank):
-        assert main(["tokenizer", "train", "--input", str(path), "--output-dir", str(tmp_path / "tok"),
-                     "--vocab-size", "1000"]) == 1
+        assert (
+            main(
+                [
+                    "tokenizer",
+                    "train",
+                    "--input",
+                    str(path),
+                    "--output-dir",
+                    str(tmp_path / "tok"),
+                    "--vocab-size",
+                    "1000",
+                ]
+            )
+            == 1
+        )
         err = capsys.readouterr().err
         assert err.startswith("error: no text to train on") and err.count("\n") == 1, err
     assert not (tmp_path / "tok" / "tokenizer.model").exists()

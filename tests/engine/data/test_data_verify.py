@@ -1,6 +1,7 @@
 """`train` checks its data before the first step: files that disagree with their index or their
 sidecar, data of another kind or tokenizer, token ids beyond the model's vocabulary, splits that
 would make megatron-core loop forever; `data merge` / `data inspect` on such data."""
+
 from __future__ import annotations
 
 import contextlib
@@ -11,14 +12,13 @@ import signal
 from pathlib import Path
 
 import pytest
+from data_test_helpers import sample_docs
 
 from engine.config import ConfigError, from_dict
-from models.presets import get_preset
 from engine.data.preprocess import preprocess
 from engine.data.verify import verify_dataset, verify_training_data
+from models.presets import get_preset
 from tests.conftest import base_config, run_engine, write_synthetic_dataset
-
-from data_test_helpers import sample_docs
 
 
 def write_jsonl(path: Path, rows) -> Path:
@@ -34,8 +34,15 @@ def pretrain_data(tmp_path: Path, tok_dir, name: str, docs: slice = slice(0, 60)
 
 def chat_data(tmp_path: Path, tok_dir, name: str, kind: str, n: int = 12) -> str:
     if kind == "sft":
-        rows = [{"messages": [{"role": "user", "content": f"질문 {i}?"},
-                              {"role": "assistant", "content": f"The answer is {i}."}]} for i in range(n)]
+        rows = [
+            {
+                "messages": [
+                    {"role": "user", "content": f"질문 {i}?"},
+                    {"role": "assistant", "content": f"The answer is {i}."},
+                ]
+            }
+            for i in range(n)
+        ]
     else:
         rows = [{"prompt": f"질문 {i}?", "chosen": f"Good answer {i}.", "rejected": f"bad {i}"} for i in range(n)]
     src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
@@ -174,6 +181,7 @@ def test_train_cli_exits_2_with_one_line_naming_the_file(tmp_path):
 @contextlib.contextmanager
 def deadline(seconds: int):
     """Raise TimeoutError in the test when the body runs longer than ``seconds``."""
+
     def _raise(signum, frame):
         raise TimeoutError(f"still running after {seconds} s (megatron-core's endless epoch loop)")
 
@@ -261,8 +269,10 @@ def test_inspect_resolves_a_relative_tokenizer_path_from_the_sidecar(tmp_path, u
     shutil.rmtree(data_dir / "tok")
     stats = inspect_dataset(data, num_docs=1)
     assert "documents_without_final_eod" not in stats
-    assert stats["warnings"] == [f"the sidecar's tokenizer {data_dir / 'tok/tokenizer.model'} does not exist; "
-                                 "the end-of-document check and the decoded samples were skipped (pass --tokenizer)"]
+    assert stats["warnings"] == [
+        f"the sidecar's tokenizer {data_dir / 'tok/tokenizer.model'} does not exist; "
+        "the end-of-document check and the decoded samples were skipped (pass --tokenizer)"
+    ]
 
 
 def test_preprocess_records_an_absolute_tokenizer_path(tmp_path, unigram_dir, monkeypatch):
@@ -270,7 +280,9 @@ def test_preprocess_records_an_absolute_tokenizer_path(tmp_path, unigram_dir, mo
     monkeypatch.chdir(tmp_path)
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": t} for t in sample_docs(5)])
     preprocess([str(src)], "tok", str(tmp_path / "d"), progress=False)
-    assert json.loads((tmp_path / "d.json").read_text())["tokenizer"]["path"] == str(tmp_path / "tok" / "tokenizer.model")
+    assert json.loads((tmp_path / "d.json").read_text())["tokenizer"]["path"] == str(
+        tmp_path / "tok" / "tokenizer.model"
+    )
 
 
 def test_empty_chat_split_with_evaluation_on_is_one_line(tmp_path, unigram_dir):
