@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import List
 
 import psutil
+import pytest
 import yaml
 
 from engine.checkpoint import checkpoint_root, latest_checkpoint, read_meta
@@ -167,6 +168,7 @@ def test_sigterm_to_the_process_group_after_a_checkpoint(tmp_path, synthetic_dat
     assert [r["step"] for r in step_metrics(run)][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
 
 
+@pytest.mark.slow  # the default suite's chaos test delivers the same fault (and checks the same outcome)
 def test_sigusr1_to_torchruns_process_group(tmp_path, synthetic_data):
     """(b) SIGUSR1 to torchrun's process group, as a terminal or a batch script would send it.
     torchrun's default signal list lacks SIGUSR1, so torchrun dies; its workers (own sessions)
@@ -218,6 +220,7 @@ def test_srun_like_wrapper_around_torchrun(tmp_path, synthetic_data):
     _assert_complete_stop(run)
 
 
+@pytest.mark.slow  # the default suite's chaos test kills torchrun too (the next attempt needs the lock)
 def test_kill_9_of_torchrun_stops_the_ranks_and_frees_the_lock(tmp_path, synthetic_data):
     """(e) torchrun killed with SIGKILL: both ranks stop within seconds and the run lock is free."""
     run, codes, since = tmp_path / "run", tmp_path / "codes", time.time()

@@ -41,15 +41,16 @@ def test_parameter_counts_equal_the_built_model(preset, megatron_single_rank):
     assert (counts.total, counts.active, counts.embedding) == (built["total"], built["active"], built["embedding"])
 
 
-def test_plan_cli_layout_errors_and_suggestion():
+def test_plan_cli_layout_errors_and_suggestion(capsys):
+    # The CLI's own entry point, in-process (a subprocess per call would only add start-up time).
+    from types import SimpleNamespace
+
+    from engine.cli import main
+
     def plan(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "engine", "plan", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            env=dict(os.environ, PYTHONWARNINGS="ignore"),
-        )
+        code = main(["plan", *args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
 
     bad = plan("frankenstallm-3b", "parallel.tensor=16", "--gpus-per-node", "16")
     assert bad.returncode == 2 and "num_attention_heads (24) is not divisible by parallel.tensor (16)" in bad.stderr
