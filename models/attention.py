@@ -49,7 +49,7 @@ class SDPAAttention(MegatronModule):
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
         # megatron's window_size is (left, right) in tokens, TE's convention; right is 0 (causal).
-        self.window = (
+        self.window: Optional[int] = (
             config.window_size[0]
             if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, self.layer_number)
             else None
@@ -57,6 +57,8 @@ class SDPAAttention(MegatronModule):
 
     def _window_mask(self, sq: int, sk: int, device) -> torch.Tensor:
         """Boolean mask, True where query i may attend key j: j <= i and i - j <= left."""
+        if self.window is None:
+            raise ValueError("_window_mask needs a sliding window (this layer attends without one)")
         i = torch.arange(sq, device=device).unsqueeze(1) + (sk - sq)
         j = torch.arange(sk, device=device).unsqueeze(0)
         return (j <= i) & (i - j <= self.window)

@@ -59,7 +59,9 @@ def transformer_config(
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
     swiglu = model.activation == "swiglu"
-    kwargs = dict(
+    # Keyword arguments of megatron-core's TransformerConfig: values of many types (ints, dtypes,
+    # callables, tuples), checked by the dataclass itself.
+    kwargs: Dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,

@@ -49,11 +49,14 @@ rows, and the import pads back with zero rows.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
 from engine.config import ModelConfig
+
+if TYPE_CHECKING:  # transformers is a dev extra, imported lazily by the functions that need it
+    from transformers import PretrainedConfig
 
 __all__ = [
     "ConversionError",
@@ -179,7 +182,7 @@ def hf_model_class(model_cfg: ModelConfig):
     }[hf_family(model_cfg)]
 
 
-def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = False, **extra):
+def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = False, **extra: Any) -> PretrainedConfig:
     """Build the transformers ``PretrainedConfig`` describing the same network as ``model_cfg``.
 
     ``extra`` keyword arguments (e.g. ``bos_token_id``, ``eos_token_id`` from the tokenizer)
@@ -191,7 +194,9 @@ def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = Fals
     family = hf_family(c)
     window = _check_window(c, family, allow_sliding_window_mismatch)
     heads, groups, head_dim = _heads(c)
-    tokens = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    tokens: Dict[str, Optional[int]] = dict(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    # Keyword arguments of the transformers config constructor: values of many types.
+    kwargs: Dict[str, Any]
     if family == "gpt2":
         kwargs = dict(
             vocab_size=c.vocab_size,

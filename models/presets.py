@@ -8,13 +8,13 @@ size that trains on a CPU in seconds.
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict
 
 from engine.config import ConfigError, ModelConfig
 
 
-def _llama(**overrides) -> ModelConfig:
-    base = dict(
+def _llama(**overrides: Any) -> ModelConfig:
+    base: Dict[str, Any] = dict(
         position_embedding="rope",
         normalization="RMSNorm",
         activation="swiglu",
@@ -25,8 +25,8 @@ def _llama(**overrides) -> ModelConfig:
     return ModelConfig(**base)
 
 
-def _gpt2(**overrides) -> ModelConfig:
-    base = dict(
+def _gpt2(**overrides: Any) -> ModelConfig:
+    base: Dict[str, Any] = dict(
         position_embedding="learned_absolute",
         normalization="LayerNorm",
         activation="gelu",
