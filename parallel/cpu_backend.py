@@ -89,6 +89,11 @@ _ORIG_TENSOR_TYPE = torch.Tensor.type
 _TAG_FORWARD, _TAG_BACKWARD = 1, 2
 
 
+def _seed_cpu_generator(seed: int) -> None:
+    """torch.cuda.manual_seed on the CPU backend: seeds the CPU generator."""
+    torch.default_generator.manual_seed(int(seed))
+
+
 def _tagged_batched_p2p_ops(
     *,
     tensor_send_prev,
@@ -126,17 +131,18 @@ def activate() -> List[str]:
             raise RuntimeError("the CPU backend must not be activated on a machine with CUDA")
 
         # 1. Device placement of buffers (rotary inv_freq, global memory buffer, ...).
-        torch.cuda.current_device = lambda: _CPU
+        # A torch.device where torch declares an int (both work as a device= argument).
+        torch.cuda.current_device = lambda: _CPU  # type: ignore[assignment,return-value]  # deliberate CPU stand-in
         _active.append("torch.cuda.current_device -> cpu")
 
         # 2. RNG: megatron's CUDA RNG tracker forks the CPU generator instead.
         import megatron.core.tensor_parallel.random as mrandom
 
         torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
-        torch.cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)
+        torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
         # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator
         # directly and make the "all CUDA devices" variant a no-op to avoid recursion.
-        torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+        torch.cuda.manual_seed = _seed_cpu_generator
         torch.cuda.manual_seed_all = lambda seed: None
         mrandom._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
         mrandom._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
@@ -148,14 +154,15 @@ def activate() -> List[str]:
 
         # 4. Streams, events and synchronisation.
         torch.cuda.synchronize = lambda *a, **k: None
-        torch.cuda.Stream = _NoStream
-        torch.cuda.Event = _NoStream
-        torch.cuda.stream = lambda *a, **k: _NoStream()
-        torch.cuda.current_stream = lambda *a, **k: _NoStream()
+        # _NoStream stands in for Stream, Event and StreamContext alike (deliberately not their types).
+        torch.cuda.Stream = _NoStream  # type: ignore[misc,assignment]  # deliberate CPU stand-in
+        torch.cuda.Event = _NoStream  # type: ignore[misc,assignment]  # deliberate CPU stand-in
+        torch.cuda.stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]  # deliberate CPU stand-in
+        torch.cuda.current_stream = lambda *a, **k: _NoStream()  # type: ignore[assignment]  # deliberate CPU stand-in
         _active.append("torch.cuda streams/events/synchronize -> no-ops")
 
         # 5. Optimizer dtype checks on Tensor.type().
-        torch.Tensor.type = _tensor_type
+        torch.Tensor.type = _tensor_type  # type: ignore[method-assign]  # the point of this patch
         _active.append("Tensor.type() reports torch.cuda.*Tensor names")
 
         # 6. MoE: a NameError in 0.16.1 without TE, and CPU split sizes for all_to_all.

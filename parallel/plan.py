@@ -112,7 +112,7 @@ class Plan:
 
 
 def _dtype_bytes(cfg: Config, auto: str = "bf16") -> int:
-    dtype = cfg.precision.dtype
+    dtype: str = cfg.precision.dtype
     if dtype == "auto":
         dtype = auto
     return 4 if dtype == "fp32" else 2
@@ -173,7 +173,7 @@ def activation_bytes(
         saved, extra = full_layer, 0.0
     layers = m.num_layers // p.pipeline
     micro = max(t_cfg.global_batch_size // (b * max(dp, 1)), 1)
-    in_flight = min(micro, p.pipeline)
+    in_flight: float = min(micro, p.pipeline)
     if p.virtual_pipeline:
         in_flight *= 1 + (p.pipeline - 1) / (p.pipeline * p.virtual_pipeline)
     logits = tokens * m.padded_vocab_size / t * (a + 8)
@@ -202,7 +202,7 @@ def gpu_memory(
     g = 4 if (cfg.precision.grad_reduce_in_fp32 or fp32_training) else 2
     o = 8 + (0 if fp32_training else 4)
     acts_all = {r: activation_bytes(cfg, d, r, micro_batch, w) for r in ("none", "selective", "full")}
-    best = None
+    plans: List[GpuPlan] = []
     for stage in ["only"] if p.pipeline == 1 else ["first", "last"]:
         sp = stage_parameters(cfg, counts, stage)
         n = sp["dense"] + sp["expert"]
@@ -219,9 +219,8 @@ def gpu_memory(
         plan = GpuPlan(
             n, sp["dense"], sp["expert"], weight_bytes, n * g, opt, opt_no_do, opt_do, acts, by_recompute, total, stage
         )
-        if best is None or plan.total > best.total:
-            best = plan
-    return best
+        plans.append(plan)
+    return max(plans, key=lambda candidate: candidate.total)  # the first of equals, as before
 
 
 def _precision_key(cfg: Config, gpu: str) -> str:
