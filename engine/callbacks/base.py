@@ -55,7 +55,3 @@ class Callback:
     def on_error(self, trainer, exc: BaseException) -> None:
         """The run raised ``exc`` (a step, e.g. out of memory, a hook or a checkpoint); the loop
         re-raises it afterwards. Not called for a requested stop."""
-
-    def on_exception(self, trainer, exc: BaseException) -> None:
-        """Former name of :meth:`on_error`, kept for callers of the old API (the loop calls ``on_error``)."""
-        self.on_error(trainer, exc)

@@ -71,9 +71,9 @@ def test_callbacks_from_config():
 def test_oom_snapshot_is_dumped_on_out_of_memory_only(tmp_path):
     dumped = []
     cb = OomSnapshot(tmp_path, dump_fn=dumped.append)
-    cb.on_exception(None, RuntimeError("not an OOM"))
+    cb.on_error(None, RuntimeError("not an OOM"))
     assert dumped == []
-    cb.on_exception(None, torch.OutOfMemoryError("CUDA out of memory"))
+    cb.on_error(None, torch.OutOfMemoryError("CUDA out of memory"))
     assert dumped == [str(tmp_path / "oom_snapshot_rank0.pickle")]
 
 
