@@ -270,7 +270,10 @@ def checkpoints_after(run_dir: str, iteration: int) -> List[Path]:
 
 
 def _iteration_of(ckpt: Path) -> int:
-    return int(_ITER_DIR.match(Path(ckpt).name).group(1))
+    m = _ITER_DIR.match(Path(ckpt).name)
+    if m is None:
+        raise ValueError(f"{ckpt} is not a checkpoint directory (iter_NNNNNNN)")
+    return int(m.group(1))
 
 
 def verify_checkpoint(ckpt: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, TypeVar
 
 import torch.distributed as dist
 
@@ -25,6 +25,7 @@ from engine.config import ConfigError
 MANIFEST = "manifest.json"
 _EXCLUDED = {MANIFEST, "engine_meta.json"}
 _CHUNK = 8 << 20  # 8 MiB reads: crc32 runs at memory speed, the disk is the limit
+_V = TypeVar("_V")
 
 
 class CorruptCheckpointError(ConfigError):
@@ -50,13 +51,13 @@ def _files(ckpt: Path) -> List[str]:
     )
 
 
-def _shared(local: Dict[str, object]) -> Dict[str, object]:
+def _shared(local: Dict[str, _V]) -> Dict[str, _V]:
     """Union of every rank's dict (all ranks get it); the dict itself when not distributed."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return local
-    parts: List[Optional[Dict[str, object]]] = [None] * dist.get_world_size()
+    parts: List[Optional[Dict[str, _V]]] = [None] * dist.get_world_size()
     dist.all_gather_object(parts, local)
-    merged: Dict[str, object] = {}
+    merged: Dict[str, _V] = {}
     for p in parts:
         merged.update(p or {})
     return merged
@@ -93,7 +94,7 @@ def verify_manifest(ckpt: Path) -> Optional[str]:
     if listed is None:
         return "no manifest"
     names = sorted(listed)
-    local: Dict[str, object] = {}
+    local: Dict[str, str] = {}  # file -> what is wrong with it
     for n in _my_share(names):
         p = ckpt / n
         want = listed[n]

@@ -68,10 +68,15 @@ class Range:
         high = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else None
         if low and high:
             return f"in {low}, {high}"
-        if low:
-            return f">= {num(self.ge)}" if self.ge is not None else f"> {num(self.gt)}"
-        if high:
-            return f"<= {num(self.le)}" if self.le is not None else f"< {num(self.lt)}"
+        # At most one side is bounded from here on.
+        if self.ge is not None:
+            return f">= {num(self.ge)}"
+        if self.gt is not None:
+            return f"> {num(self.gt)}"
+        if self.le is not None:
+            return f"<= {num(self.le)}"
+        if self.lt is not None:
+            return f"< {num(self.lt)}"
         return "any finite number"
 
 
@@ -622,7 +627,7 @@ def _coerce(value: Any, typ: Any, path: str) -> Any:
             if isinstance(rng, Range) and not rng.contains(value):
                 raise ConfigError(f"'{path}' must be {rng}, got {value!r}")
         return value
-    if dataclasses.is_dataclass(typ):  # e.g. the entries of data.blend
+    if isinstance(typ, type) and dataclasses.is_dataclass(typ):  # e.g. the entries of data.blend
         if not isinstance(value, dict):
             raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
         obj = typ()

@@ -9,20 +9,22 @@ import dataclasses
 import inspect
 import typing
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from engine import config as config_module
 
 
 def field_docs(cls) -> Dict[str, str]:
     """Map field name -> the string literal written right after it in the class body."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    node = ast.parse(inspect.getsource(cls)).body[0]
+    if not isinstance(node, ast.ClassDef):
+        raise TypeError(f"{cls!r} is not a class")
+    body: List[Optional[ast.stmt]] = list(node.body)
     docs = {}
-    for node, nxt in zip(body, body[1:] + [None]):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-            if isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for stmt, nxt in zip(body, body[1:] + [None]):
+        if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[stmt.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
@@ -49,7 +51,10 @@ def _allowed(hint, ranged) -> str:
 def _section(lines: List[str], key: str, section) -> None:
     """Append the table of one section, then those of its sub-sections (``objective.dpo``)."""
     cls = type(section)
-    lines.append(f"### `{key}` — {' '.join(inspect.getdoc(cls).split())}")
+    doc = inspect.getdoc(cls)
+    if doc is None:
+        raise ValueError(f"config section {cls.__name__} has no docstring for the reference")
+    lines.append(f"### `{key}` — {' '.join(doc.split())}")
     lines.append("")
     lines.append("| key | type | range | default | meaning |")
     lines.append("| --- | --- | --- | --- | --- |")

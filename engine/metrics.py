@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Mapping, Optional
 
 import torch
 
@@ -116,7 +116,7 @@ class MetricsWriter:
 
             self.wandb = wandb.init(project=wandb_project, config=run_config, dir=str(self.dir))
 
-    def write(self, step: int, metrics: Dict[str, float], prefix: str = "train") -> None:
+    def write(self, step: int, metrics: Mapping[str, Optional[float]], prefix: str = "train") -> None:
         """Record ``metrics`` for ``step`` in every sink."""
         record = {"step": step, "split": prefix, **{k: v for k, v in metrics.items() if v is not None}}
         self.jsonl.write(json.dumps(record) + "\n")
@@ -144,11 +144,12 @@ def format_line(step: int, total: int, m: Dict[str, Optional[float]]) -> str:
         v = m.get(key)
         return "n/a" if v is None else format(v, fmt) + unit
 
+    mfu = m.get("mfu")
     return (
         f"step {step}/{total} | loss {f('loss', '.4f')} | lr {f('lr', '.3e')} | "
         f"grad_norm {f('grad_norm', '.3f')} | step {f('step_time', '.3f', 's')} | "
         f"tok/s/gpu {f('tokens_per_s_per_gpu', ',.0f')} | tok/s {f('tokens_per_s', ',.0f')} | "
-        f"MFU {('n/a' if m.get('mfu') is None else format(100 * m['mfu'], '.1f') + '%')} | "
+        f"MFU {('n/a' if mfu is None else format(100 * mfu, '.1f') + '%')} | "
         f"peak mem {f('peak_mem_gib', '.2f', ' GiB')}"
         + (f" | skipped {m['skipped_total']}" if m.get("skipped_total") else "")
     )

@@ -12,12 +12,16 @@ loop then writes a checkpoint and raises ``StopTraining`` with ``preemption.exit
 from __future__ import annotations
 
 import signal
-from typing import Callable, Dict, List, Optional
+from types import FrameType
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from engine.callbacks.base import Callback
+
+# What signal.signal returns and accepts: a handler, SIG_DFL/SIG_IGN, or None (installed outside Python).
+_Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
 
 
 class PreemptionHandler(Callback):
@@ -28,7 +32,7 @@ class PreemptionHandler(Callback):
         self.exit_code = exit_code
         self.received: Optional[int] = None
         self.all_reduce_max = all_reduce_max or _all_reduce_max
-        self._previous: Dict[int, object] = {}
+        self._previous: Dict[int, _Handler] = {}
 
     def _handle(self, signum, frame) -> None:
         # Only a flag: the step in flight (maybe inside a collective) must finish normally.

@@ -113,7 +113,7 @@ class ProfilerWindow(Callback):
         self.stop_fn = stop_fn or (_cuda_profiler_stop if on_cuda else self._cpu_note("stop"))
         self.rank = rank
         self.open = False
-        self.torch_prof = None
+        self.torch_prof: Optional[torch.profiler.profile] = None
 
     @staticmethod
     def _cpu_note(what: str) -> Callable[[], None]:
@@ -142,7 +142,7 @@ class ProfilerWindow(Callback):
         self.start_fn()
         print(f"[rank {_rank()}] profiling steps {self.start}..{self.end}", flush=True)
 
-    def on_step_end(self, trainer, step: int, metrics: Dict[str, float]) -> None:
+    def on_step_end(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
         if self.open and step >= self.end:
             self._close()
 

@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -92,7 +92,7 @@ class Trainer:
         self.run_lock = acquire_for_run(cfg.checkpoint.dir, cfg.checkpoint.lock)
         init_model_parallel(cfg.parallel, cfg.training.seed)
         self._build()
-        self.callbacks = build_callbacks(cfg, callbacks)
+        self.callbacks: List[Callback] = build_callbacks(cfg, callbacks)
 
     # ----------------------------------------------------------------------------- setup
     def _build(self) -> None:
@@ -125,7 +125,7 @@ class Trainer:
             # Per-token loss: gradients are summed, then divided by the global token count.
             average_in_collective=False,
         )
-        self.model: List[torch.nn.Module] = []
+        self.model: List[DistributedDataParallel] = []
         for i, chunk in enumerate(built.chunks):
             if torch.cuda.is_available():
                 chunk.cuda(torch.cuda.current_device())
@@ -153,10 +153,10 @@ class Trainer:
 
         self.objective = build_objective(cfg)
         self._build_data()
-        self._stop = None
+        self._stop: Optional[Tuple[int, str]] = None  # (exit code, reason) of a requested stop
         self._saved_path: Optional[Path] = None
         self._consecutive_skips = 0
-        self.callbacks: List[Callback] = []  # set by __init__ after the build (prepare runs without hooks)
+        self.callbacks = []  # set by __init__ after the build (prepare runs without hooks)
         self.objective.prepare(self)
 
     def _maybe_load(self) -> None:
@@ -296,11 +296,15 @@ class Trainer:
         self._hook("pre_optim_step", self.state.iteration + 1, metrics)
         with nvtx_range("optimizer-step"):
             skip, grad_norm = self._optimizer_step(metrics["loss"])
-        metrics["grad_norm"] = grad_norm
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        return StepOutput(metrics, sums, skip)
+        # grad_norm is None when fp16 loss scaling skipped the step.
+        step_metrics: Dict[str, Optional[float]] = {
+            **metrics,
+            "grad_norm": grad_norm,
+            "lr": self.optimizer.param_groups[0]["lr"],
+        }
+        return StepOutput(step_metrics, sums, skip)
 
-    def _optimizer_step(self, loss: float):
+    def _optimizer_step(self, loss: float) -> Tuple[Optional[str], Optional[float]]:
         """megatron-core's ``optimizer.step()`` split open so the finiteness check sits between
         the gradient norm and the update (megatron-core's own step only reacts to the fp16
         loss scaler's inf check and applies a NaN gradient otherwise).

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 from engine.callbacks.base import Callback
+from engine.config import Config
 from engine.metrics import MetricsWriter, format_line, print_rank0
 
 
@@ -28,8 +29,16 @@ class ConsoleLogger(Callback):
         line = format_line(step, total, metrics)
         line += "".join(f" | {k} {metrics[k]:.4f}" for k in log_keys if k in metrics)
         if len(trainer.dataset_names) > 1:
-            line += " | share " + ", ".join(f"{n} {100 * metrics[f'share/{n}']:.1f}%" for n in trainer.dataset_names)
+            line += " | share " + ", ".join(f"{n} {100 * _share(metrics, n):.1f}%" for n in trainer.dataset_names)
         print_rank0(line)
+
+
+def _share(metrics: Dict[str, Optional[float]], name: str) -> float:
+    """``share/<name>``, which the blend-share callback records every step."""
+    value = metrics[f"share/{name}"]
+    if value is None:
+        raise ValueError(f"metric 'share/{name}' is None; the blend-share callback records a number")
+    return value
 
 
 class MetricsFileLogger(Callback):
@@ -40,7 +49,7 @@ class MetricsFileLogger(Callback):
     to an abandoned timeline (a crash after the last checkpoint) and are dropped first, so
     each step is recorded once."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.writer: Optional[MetricsWriter] = None
 

@@ -108,7 +108,7 @@ class ChatMLTemplate(ChatTemplate):
 
     name = "chatml"
 
-    def segments(self, messages, add_generation_prompt=False):
+    def segments(self, messages: Sequence[Dict], add_generation_prompt: bool = False) -> List[Segment]:
         messages = check_messages(messages)
         segs: List[Segment] = []
         for m in messages:
@@ -145,7 +145,7 @@ class AlpacaTemplate(ChatTemplate):
 
     name = "alpaca"
 
-    def segments(self, messages, add_generation_prompt=False):
+    def segments(self, messages: Sequence[Dict], add_generation_prompt: bool = False) -> List[Segment]:
         messages = check_messages(messages)
         segs: List[Segment] = []
         if messages[0]["role"] == "system":
@@ -205,7 +205,7 @@ class JinjaTemplate(ChatTemplate):
             messages=list(messages), add_generation_prompt=add_generation_prompt, eos_token="", bos_token=""
         )
 
-    def segments(self, messages, add_generation_prompt=False):
+    def segments(self, messages: Sequence[Dict], add_generation_prompt: bool = False) -> List[Segment]:
         messages = check_messages(messages)
         segs: List[Segment] = []
         done = ""

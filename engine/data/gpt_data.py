@@ -13,13 +13,16 @@ import bisect
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, cast
 
 import numpy as np
 import torch
 
 from engine.config import Config, ConfigError
 from engine.data.tokenizer import load_tokenizer
+
+if TYPE_CHECKING:
+    from megatron.core.datasets.megatron_dataset import MegatronDataset
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,7 @@ def check_split_sizes(cfg: Config, needed: Sequence[int]) -> None:
         ds = IndexedDataset(prefix)
         lengths = ds.sequence_lengths
         n_docs = len(ds.document_indices) - 1
-        bounds = [0]
+        bounds: List[float] = [0]
         for f in fractions:
             bounds.append(bounds[-1] + f)
         cut = [int(round(b * n_docs)) for b in bounds]
@@ -148,7 +151,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_sam
     cls = MockGPTDataset if cfg.data.mock else GPTDataset
     prefixes = [None] if cfg.data.mock else list(cfg.data.paths)
     lows = [cls.build_low_level_dataset(p, ds_config) for p in prefixes]
-    out = []
+    out: List[Optional[torch.utils.data.Dataset]] = []
     for split_id, (bounds, size) in enumerate(zip(ds_config.split_matrix, sizes)):
         if bounds is None:
             out.append(None)
@@ -168,7 +171,7 @@ def build_datasets(cfg: Config, train_samples: int, valid_samples: int, test_sam
 def _split_indices(num_elements: int, bounds) -> np.ndarray:
     """Sequence indices of one split, cut as megatron-core's builder cuts them."""
     beg, end = int(round(bounds[0] * float(num_elements))), int(round(bounds[1] * float(num_elements)))
-    return np.arange(start=beg, stop=end, step=1, dtype=np.int32)
+    return np.arange(beg, end, 1, dtype=np.int32)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -195,7 +198,7 @@ class EpochChain(torch.utils.data.Dataset):
         self.cls, self.low_level, self.dataset_path, self.indices = cls, low_level, dataset_path, indices
         self.index_split = Split(split_id)
         self.config = config
-        self.epochs: List[object] = []
+        self.epochs: List[MegatronDataset] = []
         self.ends: List[int] = []  # cumulative sample counts after each epoch
         self._add_epoch()
         # BlendedDataset keys its cache on this; the first epoch's identifiers name the data,
@@ -229,7 +232,9 @@ class EpochChain(torch.utils.data.Dataset):
             self.index_split,
             config,
         )
-        self.epochs.append(ds)
+        # cast: build_generic_dataset is typed for every kind of dataset (and None for a rank that
+        # builds nothing); with a MegatronDataset class, built on every rank, it returns an instance.
+        self.epochs.append(cast("MegatronDataset", ds))
         self.ends.append((self.ends[-1] if self.ends else 0) + len(ds))
 
     @property

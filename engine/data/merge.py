@@ -70,7 +70,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
     dtypes = {ds.index.dtype for ds in datasets}
     if len(dtypes) > 1:
         raise MergeError(f"inputs have different token dtypes: {sorted(d.__name__ for d in dtypes)}")
-    hashes = {(s.get("tokenizer") or {}).get("sha256") for s in sidecars} - {None}
+    hashes = {h for h in ((s.get("tokenizer") or {}).get("sha256") for s in sidecars) if h is not None}
     if len(hashes) > 1:
         raise MergeError(f"inputs were made with different tokenizers: {sorted(hashes)}")
     # Data without a sidecar (megatron-core's own tools) is pretraining data.
@@ -82,11 +82,11 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
     kind = kinds[0]
     if kind in CHAT_KINDS:
         _check_chat_inputs(prefixes, sidecars)
-    maxima = [s.get("max_token_id") for s in sidecars]
-    if any(m is None for m in maxima):  # older sidecars: scan those inputs once now
-        maxima = [
-            m if m is not None else scan_max_token_id(p, ds.index.dtype) for p, m, ds in zip(prefixes, maxima, datasets)
-        ]
+    # Older sidecars have no max_token_id: scan those inputs once now.
+    maxima: List[int] = [
+        m if m is not None else scan_max_token_id(p, ds.index.dtype)
+        for p, m, ds in zip(prefixes, (s.get("max_token_id") for s in sidecars), datasets)
+    ]
 
     documents = sum(len(ds.document_indices) - 1 for ds in datasets)
     tokens = sum(int(ds.sequence_lengths.sum()) for ds in datasets)
@@ -132,7 +132,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
             "skipped": skipped,
             "skipped_total": sum(skipped.values()),
         }
-        if kind in CHAT_KINDS:
+        if masks is not None:  # chat data (kind in CHAT_KINDS)
             # Chat data is read only with its own template and cut length: keep them.
             for key in ("chat_template", "chat_template_fingerprint", "seq_length"):
                 sidecar[key] = first.get(key)

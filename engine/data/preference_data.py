@@ -11,12 +11,23 @@ the prefix (where DPO looks up its stored reference log-probabilities).
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, TypedDict
 
 import numpy as np
 import torch
 
 from engine.data.chat_data import RESPONSE, ChatIndexed
+
+
+class PreferenceSample(TypedDict):
+    """One preference pair: row 0 the chosen, row 1 the rejected sequence."""
+
+    tokens: torch.Tensor  # int64 [2, seq_length]
+    labels: torch.Tensor  # int64 [2, seq_length]
+    loss_mask: torch.Tensor  # float32 [2, seq_length], the response tokens
+    nll_mask: torch.Tensor  # float32 [2, seq_length], every trained token
+    position_ids: torch.Tensor  # int64 [2, seq_length]
+    pair_index: int
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
@@ -61,7 +72,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> PreferenceSample:
         pair = self.pair_of(i)
         s = self.seq_length
         tokens = np.full((2, s), self.pad_id, dtype=np.int64)

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Type
 
 import numpy
 
@@ -53,7 +53,11 @@ _WORKER: dict = {}
 
 
 def _init_worker(
-    tokenizer: Tokenizer, dtype, skip_bad: bool, crash_after: Optional[int], in_process: bool = False
+    tokenizer: Tokenizer,
+    dtype: Type[numpy.number],
+    skip_bad: bool,
+    crash_after: Optional[int],
+    in_process: bool = False,
 ) -> None:
     """Per-process state; ``crash_after`` kills the worker after N chunks (tests only)."""
     _WORKER.update(
@@ -96,7 +100,11 @@ def encode_chunk(chunk: readers.RawChunk) -> ChunkResult:
 
 
 # --- main side --------------------------------------------------------------------------
-def _ordered_results(chunks: Iterator[readers.RawChunk], workers: int, initargs: tuple) -> Iterator[ChunkResult]:
+def _ordered_results(
+    chunks: Iterator[readers.RawChunk],
+    workers: int,
+    initargs: Tuple[Tokenizer, Type[numpy.number], bool, Optional[int]],
+) -> Iterator[ChunkResult]:
     """Encode chunks in order with a bounded number in flight."""
     if workers <= 1:
         _init_worker(*initargs, in_process=True)

@@ -237,7 +237,7 @@ def preprocess_chat(
                     "sha256": tok.sha256,
                     "vocab_size": tok.vocab_size,
                     "eod": tok.eod,
-                    "path": os.path.abspath(tok.path) if getattr(tok, "path", "") else "",
+                    "path": os.path.abspath(tok.path) if tok.path else "",
                 },
                 "dtype": writer.tokens.dtype.__name__
                 if hasattr(writer.tokens.dtype, "__name__")

@@ -165,6 +165,7 @@ def iter_raw_chunks(
     for path in files:
         fmt = detect_format(path)
         chunk = RawChunk(str(path), fmt, json_key)
+        records: Iterator[Tuple[int, Union[bytes, str, None], int]]
         if fmt == PARQUET:
             records = _iter_parquet_records(path, json_key, chunk_records)
         else:
@@ -173,7 +174,8 @@ def iter_raw_chunks(
             chunk.nbytes += consumed
             # Blank lines in JSONL are formatting, not records (a trailing newline, say);
             # in blank-separated text the trailing blank lines come as an empty record.
-            if fmt != PARQUET and not rec.strip(b" \t\r\n") and (fmt == JSONL or text_docs == TEXT_DOC_BLANK):
+            # (rec is bytes for every format but parquet.)
+            if isinstance(rec, bytes) and not rec.strip(b" \t\r\n") and (fmt == JSONL or text_docs == TEXT_DOC_BLANK):
                 continue
             chunk.records.append(rec)
             chunk.lines.append(line)
@@ -193,6 +195,8 @@ def decode_record(path: str, fmt: str, json_key: str, line: int, rec: Union[byte
         if not isinstance(text, str):
             raise BadRecord(path, line, MISSING_FIELD, f"{json_key!r} is {type(text).__name__}, not a string")
     else:
+        if not isinstance(rec, bytes):
+            raise TypeError(f"{path}:{line}: a {fmt} record must be bytes, got {type(rec).__name__}")
         try:
             decoded = rec.decode("utf-8")
         except UnicodeDecodeError as exc:

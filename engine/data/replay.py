@@ -16,10 +16,13 @@ the world size, so consumed-samples resume stays exact. Source ids: 0 is the SFT
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import TYPE_CHECKING, List
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from engine.data.sft_data import SFTSample
 
 
 def interleave(sft_tokens, replay_tokens: int, ratio: float, num_samples: int, by: str = "tokens") -> np.ndarray:
@@ -62,7 +65,7 @@ class ReplayMixture(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> SFTSample:
         i = int(i)
         if self.source[i] == 0:
             return self.sft[int(self.index[i])]

@@ -21,12 +21,22 @@ data position (consumed samples) resumes exactly at any world size.
 
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import List, TypedDict
 
 import numpy as np
 import torch
 
 from engine.data.chat_data import ChatIndexed
+
+
+class SFTSample(TypedDict):
+    """One packed SFT sequence (what :class:`SFTDataset` and the replay mixer yield)."""
+
+    tokens: torch.Tensor  # int64 [seq_length]
+    labels: torch.Tensor  # int64 [seq_length]
+    loss_mask: torch.Tensor  # float32 [seq_length]
+    position_ids: torch.Tensor  # int64 [seq_length], restarting at each packed document
+    dataset_id: int
 
 
 class SFTDataset(torch.utils.data.Dataset):
@@ -72,7 +82,8 @@ class SFTDataset(torch.utils.data.Dataset):
             if not self.packing:
                 self.bins.extend([[int(d)] for d in order])
                 continue
-            current, used = [], 0
+            current: List[int] = []
+            used = 0
             for d in order.tolist():
                 if current and used + self.positions[d] > self.seq_length:
                     self.bins.append(current)
@@ -89,7 +100,7 @@ class SFTDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.num_samples
 
-    def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> SFTSample:
         self.ensure(int(i) + 1)
         s = self.seq_length
         tokens = np.full(s, self.pad_id, dtype=np.int64)

@@ -62,6 +62,9 @@ class Tokenizer:
     id appended once per document by preprocessing.
     """
 
+    # The model file it was loaded from; set by ``from_path`` only (None for bytes or an unpickled copy).
+    path: Optional[Path] = None
+
     def __init__(self, model_bytes: bytes, meta: Optional[dict] = None) -> None:
         import sentencepiece as spm
 
@@ -106,7 +109,7 @@ class Tokenizer:
         return {"model_bytes": self._model_bytes, "meta": self.meta}
 
     def __setstate__(self, state: dict) -> None:
-        self.__init__(state["model_bytes"], state["meta"])
+        type(self).__init__(self, state["model_bytes"], state["meta"])
 
     # --- the interface ----------------------------------------------------------------
     @property

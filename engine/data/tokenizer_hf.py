@@ -18,7 +18,8 @@ may tokenize differently (SentencePiece never matches control pieces in text).
 
 from __future__ import annotations
 
-from typing import List, Tuple
+import os
+from typing import List, Tuple, Union
 
 # sentencepiece_model.proto ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -29,7 +30,8 @@ UNIGRAM, BPE = 1, 2
 def _model_proto(model_bytes: bytes):
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
+    # protobuf-generated module: its message classes are created at import time, so mypy cannot see them
+    proto = pb.ModelProto()  # type: ignore[attr-defined]
     proto.ParseFromString(model_bytes)
     return proto
 
@@ -73,6 +75,7 @@ def build_hf_tokenizer(model_bytes: bytes):
     byte_fallback = bool(trainer.byte_fallback)
     unk_piece = pieces[trainer.unk_id][0]
 
+    model: models.Model
     if trainer.model_type == UNIGRAM:
         model = models.Unigram([(p, s) for p, s, _ in pieces], unk_id=trainer.unk_id, byte_fallback=byte_fallback)
     elif trainer.model_type == BPE:
@@ -88,7 +91,7 @@ def build_hf_tokenizer(model_bytes: bytes):
         raise ValueError(f"unsupported SentencePiece model type {trainer.model_type}")
 
     tok = Tokenizer(model)
-    steps = []
+    steps: List[normalizers.Normalizer] = []
     if norm.precompiled_charsmap:  # empty for the identity rule
         steps.append(normalizers.Precompiled(norm.precompiled_charsmap))
     steps.append(normalizers.Replace(" ", "\u2581"))
@@ -100,6 +103,6 @@ def build_hf_tokenizer(model_bytes: bytes):
     return tok
 
 
-def write_hf_tokenizer(model_bytes: bytes, path: str) -> None:
+def write_hf_tokenizer(model_bytes: bytes, path: Union[str, os.PathLike]) -> None:
     """Write the ``tokenizer.json`` equivalent of the SentencePiece model to ``path``."""
     build_hf_tokenizer(model_bytes).save(str(path))

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, TypedDict
 
 from engine.data import readers
 from engine.data.tokenizer import (
@@ -68,9 +68,15 @@ def write_normalization_rules(name: str, path: Path) -> Optional[Path]:
     return path
 
 
-def iter_training_sentences(
-    files: Sequence[Path], json_key: str, stats: Dict[str, int], text_docs: str
-) -> Iterator[str]:
+class TrainStats(TypedDict, total=False):
+    """What :func:`iter_training_sentences` counted while SentencePiece read it."""
+
+    documents: int
+    sentences: int
+    skipped: Dict[str, int]  # bad records skipped, by reason
+
+
+def iter_training_sentences(files: Sequence[Path], json_key: str, stats: TrainStats, text_docs: str) -> Iterator[str]:
     """Yield the non-empty lines of every document (SentencePiece trains on lines).
 
     Newlines themselves are learned through byte fallback (``<0x0A>``). Bad records are
@@ -95,14 +101,16 @@ def _finish_model(model_bytes: bytes, quantize: bool) -> bytes:
     """
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    proto = pb.ModelProto()
+    # protobuf-generated module: its message classes are created at import time, so mypy cannot see them
+    ModelProto = pb.ModelProto  # type: ignore[attr-defined]
+    proto = ModelProto()
     proto.ParseFromString(model_bytes)
     proto.trainer_spec.model_prefix = ""
     proto.normalizer_spec.normalization_rule_tsv = ""
     if quantize:
         q = UNIGRAM_SCORE_QUANTUM
         for piece in proto.pieces:
-            if piece.type == pb.ModelProto.SentencePiece.NORMAL:
+            if piece.type == ModelProto.SentencePiece.NORMAL:
                 piece.score = round(piece.score / q) * q
     return proto.SerializeToString(deterministic=True)
 
@@ -152,12 +160,13 @@ def train_tokenizer(
     files = readers.expand_inputs(inputs)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stats: Dict[str, int] = {}
+    stats: TrainStats = {}
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out) as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out) as tmp_dir:
+        tmp = Path(tmp_dir)
         rules = write_normalization_rules(normalization, tmp / "rules.tsv")
-        options = dict(
+        # Any: SentencePieceTrainer.train's stub types every keyword separately.
+        options: Dict[str, Any] = dict(
             sentence_iterator=iter_training_sentences(files, json_key, stats, text_docs),
             model_prefix=str(tmp / "sp"),
             vocab_size=vocab_size,

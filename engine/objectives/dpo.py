@@ -11,7 +11,7 @@ IPO uses length-averaged log-probabilities (as TRL does), sigmoid and hinge summ
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -23,6 +23,9 @@ from engine.objectives.reference import load_or_compute_reference
 
 if TYPE_CHECKING:  # the trainer imports the objectives; only the annotation names it
     from engine.trainer import Trainer
+
+# One micro-batch of the reference pass: (pair indices, their [n, 2] chosen/rejected log-prob sums).
+PairLogps = Tuple[np.ndarray, np.ndarray]
 
 
 class DPOObjective(PreferenceObjective):
@@ -49,7 +52,7 @@ class DPOObjective(PreferenceObjective):
         self.label_smoothing = o.label_smoothing
         self.reference: Optional[np.ndarray] = None
         """[pairs, 2] reference log-prob sums (chosen, rejected) by pair index."""
-        self._collected: Optional[List] = None
+        self._collected: Optional[List[PairLogps]] = None
 
     # -- the reference pass ----------------------------------------------------------------
     def prepare(self, trainer: "Trainer") -> None:
@@ -60,7 +63,8 @@ class DPOObjective(PreferenceObjective):
         """Loss functions record (pair index, chosen, rejected log-prob sums) instead of a loss."""
         self._collected = []
 
-    def stop_collecting(self) -> List:
+    def stop_collecting(self) -> Optional[List[PairLogps]]:
+        """What was collected since ``start_collecting`` (None when it was not called)."""
         out, self._collected = self._collected, None
         return out
 

@@ -11,7 +11,7 @@ normalised by the pairs of the global batch (``num_units`` = pairs).
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
@@ -24,7 +24,7 @@ class PreferenceObjective(Objective):
 
     data_kind = "preference"
     sequences_per_sample = 2
-    log_keys = ("rewards/accuracies", "rewards/margins")
+    log_keys: Tuple[str, ...] = ("rewards/accuracies", "rewards/margins")
 
     def forward_step(self, data_iterator, model):
         batch = next(data_iterator)

@@ -25,7 +25,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, List
+from typing import TYPE_CHECKING, List, Optional
 
 import numpy as np
 import torch.distributed as dist
@@ -39,7 +39,7 @@ from engine.data.preference_data import PreferenceDataset
 from engine.metrics import print_rank0
 
 if TYPE_CHECKING:  # the trainer imports the objectives; only the annotations name it
-    from engine.objectives.dpo import DPOObjective
+    from engine.objectives.dpo import DPOObjective, PairLogps
     from engine.trainer import Trainer
 
 _CHUNK = 8 << 20  # 8 MiB reads
@@ -151,10 +151,10 @@ def _on_rank0(fn):
 def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> np.ndarray:
     """The ``[pairs, 2]`` reference log-prob sums of the run's preference dataset."""
     cfg = trainer.cfg
-    ref = cfg.objective.dpo.reference or cfg.checkpoint.init_from
-    if not ref:
+    ref_setting = cfg.objective.dpo.reference or cfg.checkpoint.init_from
+    if not ref_setting:
         raise ConfigError("objective dpo needs a reference: set objective.dpo.reference or checkpoint.init_from")
-    ref = Path(ref)
+    ref = Path(ref_setting)
     prefix = cfg.data.paths[0]
     pad = token_ids(cfg).eod
     key = _on_rank0(lambda: reference_key(cfg, prefix, ref, pad))
@@ -197,7 +197,7 @@ def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> 
         trainer.forward_only(ordered, total)
     finally:
         local = objective.stop_collecting()
-    gathered = [None] * dist.get_world_size()
+    gathered: List[Optional[List[PairLogps]]] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, local)
     values = np.full((n, 2), np.nan, dtype=np.float64)
     for part in gathered:
