@@ -27,11 +27,6 @@ _TYPE_NAMES = {
 }
 
 
-def is_active() -> bool:
-    """True once ``activate()`` has redirected the CUDA calls in this process."""
-    return bool(_active)
-
-
 def _is_cuda_device(device) -> bool:
     if isinstance(device, torch.device):
         return device.type == "cuda"

@@ -89,10 +89,6 @@ class ChatTemplate:
                 pieces.append((list(ids), seg.loss, seg.truncatable))
         return pieces
 
-    def generation_prompt_ids(self, tokenizer, messages: Sequence[Dict]) -> List[int]:
-        """Token ids to feed a model so that it writes the next assistant turn."""
-        return [t for ids, _, _ in self.encode(tokenizer, messages, add_generation_prompt=True) for t in ids]
-
     def to_jinja(self) -> str:
         """A Hugging Face ``chat_template`` string equivalent to this template (for export)."""
         raise NotImplementedError

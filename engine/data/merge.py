@@ -16,7 +16,7 @@ import numpy
 
 from engine.config import ConfigError
 from engine.data.chat_data import CHAT_KINDS, mask_prefix
-from engine.data.indexed_writer import IndexedWriter, read_sidecar
+from engine.data.indexed_writer import SIDECAR_FORMAT_VERSION, IndexedWriter, read_sidecar
 from engine.data.preprocess_common import tool_version
 from engine.data.verify import read_index, scan_max_token_id
 
@@ -113,7 +113,7 @@ def merge_datasets(inputs: Sequence[str], output_prefix: str) -> dict:
                     skipped[reason] = skipped.get(reason, 0) + n
             sources = [f for s in sidecars for f in s.get("source_files", [])]
         sidecar = {
-            "format_version": 1,
+            "format_version": SIDECAR_FORMAT_VERSION,
             "tool": tool_version().replace("preprocess", "merge"),
             "kind": kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

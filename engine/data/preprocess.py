@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Type
 import numpy
 
 from engine.data import readers
-from engine.data.indexed_writer import IndexedWriter, token_dtype
+from engine.data.indexed_writer import SIDECAR_FORMAT_VERSION, IndexedWriter, token_dtype
 from engine.data.preprocess_chat import preprocess_chat
 from engine.data.preprocess_common import PreprocessError, tool_version
 from engine.data.tokenizer import Tokenizer, load_tokenizer
@@ -286,7 +286,7 @@ def _sidecar(
 ) -> dict:
     """Metadata stored next to one output prefix."""
     return {
-        "format_version": 1,
+        "format_version": SIDECAR_FORMAT_VERSION,
         "tool": tool_version(),
         "kind": kind,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

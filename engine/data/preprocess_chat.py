@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from engine.data import readers
 from engine.data.chat_data import PROMPT, RESPONSE, ChatWriter
 from engine.data.chat_template import ChatTemplate, ChatTemplateError, get_chat_template
-from engine.data.indexed_writer import token_dtype
+from engine.data.indexed_writer import SIDECAR_FORMAT_VERSION, token_dtype
 from engine.data.preprocess_common import PreprocessError, tool_version
 from engine.data.tokenizer import load_tokenizer
 
@@ -226,7 +226,7 @@ def preprocess_chat(
         }
         writer.commit(
             {
-                "format_version": 1,
+                "format_version": SIDECAR_FORMAT_VERSION,
                 "tool": tool_version(),
                 "kind": kind,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -80,12 +80,6 @@ class ReplayMixture(torch.utils.data.Dataset):
             "dataset_id": 1 + int(item.get("dataset_id", 0)),
         }
 
-    def realised_share(self, n: int, sft_tokens, replay_tokens: int) -> float:
-        """Loss-token share of replay in the first ``n`` samples (for tests and the log)."""
-        rep = float(np.sum(self.source[:n] == 1)) * replay_tokens
-        sft = float(sum(sft_tokens(int(self.index[i])) for i in range(n) if self.source[i] == 0))
-        return rep / max(rep + sft, 1.0)
-
 
 def replay_names(names: List[str]) -> List[str]:
     """Log names of the replay sources."""

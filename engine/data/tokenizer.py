@@ -147,12 +147,6 @@ class Tokenizer:
             return None
         return i
 
-    def id_to_token(self, i: int) -> str:
-        """Piece string of id ``i`` (padding rows are named ``<pad_vocab_N>``)."""
-        if self.trained_vocab_size <= i < self.vocab_size:
-            return f"<pad_vocab_{i}>"
-        return self._sp.id_to_piece(int(i))
-
     def is_byte_fallback(self) -> bool:
         """True when the model has byte pieces (<0x00>..<0xFF>) for unknown characters."""
         return self._sp.is_byte(self._sp.piece_to_id("<0x0A>"))

@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, TypedDict
+from typing import Any, Dict, Iterator, Optional, Sequence, TypedDict
 
 from engine.data import readers
 from engine.data.tokenizer import (
@@ -272,9 +272,3 @@ def train_tokenizer(
         for name in (MODEL_FILE, HF_FILE, META_FILE):
             os.replace(tmp / name, out / name)
     return meta
-
-
-def special_token_ids(meta: dict) -> List[int]:
-    """Ids of every reserved token recorded in ``meta``."""
-    st = meta["special_tokens"]
-    return [st[k][1] for k in ("unk", "bos", "eos", "pad")] + list(st["user_defined"].values())
