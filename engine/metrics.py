@@ -15,7 +15,7 @@ import os
 import resource
 import sys
 from pathlib import Path
-from typing import Dict, Mapping, Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -137,7 +137,7 @@ class MetricsWriter:
             self.wandb.finish()
 
 
-def format_line(step: int, total: int, m: Dict[str, Optional[float]]) -> str:
+def format_line(step: int, total: int, m: Mapping[str, Optional[float]]) -> str:
     """The human-readable log line of one step."""
 
     def f(key, fmt, unit=""):

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import signal
 from types import FrameType
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
 
 from engine.callbacks.base import Callback
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 # What signal.signal returns and accepts: a handler, SIG_DFL/SIG_IGN, or None (installed outside Python).
 _Handler = Union[Callable[[int, Optional[FrameType]], Any], int, signal.Handlers, None]
@@ -40,14 +43,14 @@ class PreemptionHandler(Callback):
             self.received = signum
             print(f"received {signal.Signals(signum).name}: stopping after this step with a checkpoint", flush=True)
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: "Trainer") -> None:
         for sig in self.signals:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (embedded use): signals stay as they were
                 pass
 
-    def on_step_end(self, trainer, step: int, metrics) -> None:
+    def on_step_end(self, trainer: "Trainer", step: int, metrics) -> None:
         local = int(self.received or 0)
         agreed = self.all_reduce_max(local)
         if agreed:
@@ -58,7 +61,7 @@ class PreemptionHandler(Callback):
                 f"at step {step}; exit code {self.exit_code} asks the scheduler to requeue",
             )
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: "Trainer") -> None:
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

@@ -18,11 +18,15 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from engine.callbacks.base import Callback
+from engine.config import Config
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class NvtxIterator:
             return next(self.inner)
 
 
-def profile_dir(cfg) -> Path:
+def profile_dir(cfg: Config) -> Path:
     """Directory of traces, tables and snapshots."""
     return Path(cfg.profile.dir or Path(cfg.checkpoint.dir) / "profile")
 
@@ -129,7 +133,7 @@ class ProfilerWindow(Callback):
         rank = _rank() if self.rank is None else self.rank
         return not self.ranks or rank in self.ranks
 
-    def on_step_start(self, trainer, step: int) -> None:
+    def on_step_start(self, trainer: "Trainer", step: int) -> None:
         if step != self.start or self.open or not self._active():
             return
         self.open = True
@@ -142,11 +146,11 @@ class ProfilerWindow(Callback):
         self.start_fn()
         print(f"[rank {_rank()}] profiling steps {self.start}..{self.end}", flush=True)
 
-    def on_step_end(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Dict[str, Optional[float]]) -> None:
         if self.open and step >= self.end:
             self._close()
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: "Trainer") -> None:
         if self.open:
             self._close()
 
@@ -183,11 +187,11 @@ class OomSnapshot(Callback):
         self.max_entries = max_entries
         self.dump_fn = dump_fn or torch.cuda.memory._dump_snapshot
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: "Trainer") -> None:
         if torch.cuda.is_available():
             torch.cuda.memory._record_memory_history(max_entries=self.max_entries)
 
-    def on_error(self, trainer, exc: BaseException) -> None:
+    def on_error(self, trainer: "Trainer", exc: BaseException) -> None:
         if not isinstance(exc, torch.OutOfMemoryError):
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -200,7 +204,7 @@ class OomSnapshot(Callback):
         )
 
 
-def profiling_callbacks(cfg) -> List[Callback]:
+def profiling_callbacks(cfg: Config) -> List[Callback]:
     """The profiling callbacks ``cfg.profile`` asks for."""
     pf = cfg.profile
     set_nvtx(pf.nvtx)

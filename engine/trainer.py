@@ -25,7 +25,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -393,7 +393,7 @@ class Trainer:
         """Whether a callback asked the run to stop after the current step."""
         return self._stop is not None
 
-    def log_metrics(self, step: int, metrics: Dict[str, Optional[float]], split: str = "train") -> None:
+    def log_metrics(self, step: int, metrics: Mapping[str, Optional[float]], split: str = "train") -> None:
         """Hand ``metrics`` of ``step`` to every callback's ``log_metrics`` (console, files, ...)."""
         self._hook("log_metrics", step, metrics, split)
 

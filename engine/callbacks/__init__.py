@@ -18,6 +18,7 @@ from engine.callbacks.checkpointing import CheckpointCallback
 from engine.callbacks.evaluation import EvaluationCallback
 from engine.callbacks.loggers import ConsoleLogger, MetricsFileLogger
 from engine.callbacks.throughput import SourceShareCallback, ThroughputCallback
+from engine.config import Config
 
 __all__ = [
     "Callback",
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 
-def build_callbacks(cfg, extra: Sequence[Callback] = ()) -> List[Callback]:
+def build_callbacks(cfg: Config, extra: Sequence[Callback] = ()) -> List[Callback]:
     """The built-in callbacks for ``cfg``, in hook order, then ``extra`` (a user's own)."""
     from engine.preemption import PreemptionHandler
     from engine.profiling import profiling_callbacks

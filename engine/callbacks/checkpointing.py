@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from engine.callbacks.base import Callback
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 
 class CheckpointCallback(Callback):
@@ -15,12 +18,12 @@ class CheckpointCallback(Callback):
     def __init__(self, interval: int):
         self.interval = interval
 
-    def on_step_end(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Dict[str, Optional[float]]) -> None:
         if not self.interval or step % self.interval or step == trainer.cfg.training.steps:
             return
         if trainer.stop_requested:
             return  # the stop's final save writes this very step
         trainer.save()
 
-    def pre_train_end(self, trainer) -> None:
+    def pre_train_end(self, trainer: "Trainer") -> None:
         trainer.save()

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 from engine.callbacks.base import Callback
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 
 class EvaluationCallback(Callback):
@@ -14,7 +17,7 @@ class EvaluationCallback(Callback):
     def __init__(self, interval: int):
         self.interval = interval
 
-    def on_step_end(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+    def on_step_end(self, trainer: "Trainer", step: int, metrics: Dict[str, Optional[float]]) -> None:
         if not self.interval or not (step % self.interval == 0 or step == trainer.cfg.training.steps):
             return
         trainer.log_metrics(step, trainer.evaluate(), split="valid")

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 from engine.callbacks.base import Callback
 from engine.config import Config
 from engine.metrics import MetricsWriter, format_line, print_rank0
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 
 class ConsoleLogger(Callback):
@@ -17,7 +20,9 @@ class ConsoleLogger(Callback):
     def __init__(self, interval: int):
         self.interval = interval
 
-    def log_metrics(self, trainer, step: int, metrics: Dict[str, Optional[float]], split: str = "train") -> None:
+    def log_metrics(
+        self, trainer: "Trainer", step: int, metrics: Mapping[str, Optional[float]], split: str = "train"
+    ) -> None:
         log_keys = tuple(trainer.objective.log_keys)
         if split == "valid":
             shown = ["loss"] + [k for k in ("ppl",) + log_keys if k in metrics]
@@ -33,7 +38,7 @@ class ConsoleLogger(Callback):
         print_rank0(line)
 
 
-def _share(metrics: Dict[str, Optional[float]], name: str) -> float:
+def _share(metrics: Mapping[str, Optional[float]], name: str) -> float:
     """``share/<name>``, which the blend-share callback records every step."""
     value = metrics[f"share/{name}"]
     if value is None:
@@ -53,7 +58,7 @@ class MetricsFileLogger(Callback):
         self.cfg = cfg
         self.writer: Optional[MetricsWriter] = None
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: "Trainer") -> None:
         if trainer.env.rank != 0:
             return
         lg = self.cfg.logging
@@ -62,11 +67,13 @@ class MetricsFileLogger(Callback):
             log_dir, lg.tensorboard, lg.wandb_project, self.cfg.to_dict(), truncate_after=trainer.state.iteration
         )
 
-    def log_metrics(self, trainer, step: int, metrics: Dict[str, Optional[float]], split: str = "train") -> None:
+    def log_metrics(
+        self, trainer: "Trainer", step: int, metrics: Mapping[str, Optional[float]], split: str = "train"
+    ) -> None:
         if self.writer is not None:
             self.writer.write(step, metrics, prefix=split)
 
-    def on_train_end(self, trainer) -> None:
+    def on_train_end(self, trainer: "Trainer") -> None:
         if self.writer is not None:
             self.writer.close()
             self.writer = None

@@ -4,12 +4,15 @@ the realised share of each data source."""
 from __future__ import annotations
 
 import time
-from typing import Dict, Optional
+from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
 from engine.callbacks.base import Callback
 from engine.metrics import detect_gpu, mfu, peak_memory_gib
+
+if TYPE_CHECKING:  # the trainer calls its callbacks: an import for types only
+    from engine.trainer import Trainer
 
 
 class ThroughputCallback(Callback):
@@ -23,7 +26,7 @@ class ThroughputCallback(Callback):
         self.gpu_override = gpu
         self._start = 0.0
 
-    def on_train_start(self, trainer) -> None:
+    def on_train_start(self, trainer: "Trainer") -> None:
         from engine.precision import mfu_precision
 
         cfg = trainer.cfg
@@ -35,10 +38,10 @@ class ThroughputCallback(Callback):
         self.flops_token = cfg.model.flops_per_token(cfg.data.seq_length)
         self.precision = mfu_precision(trainer.tf_config, trainer.dtype)  # fixed for the run
 
-    def on_step_start(self, trainer, step: int) -> None:
+    def on_step_start(self, trainer: "Trainer", step: int) -> None:
         self._start = time.perf_counter()
 
-    def record_metrics(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+    def record_metrics(self, trainer: "Trainer", step: int, metrics: Dict[str, Optional[float]]) -> None:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the step's kernels belong to its time
         elapsed = time.perf_counter() - self._start
@@ -56,7 +59,7 @@ class SourceShareCallback(Callback):
     """``share/<source>``: each blended source's fraction of the tokens consumed so far (from
     ``trainer.state.source_tokens``, which the checkpoint carries across resumes)."""
 
-    def record_metrics(self, trainer, step: int, metrics: Dict[str, Optional[float]]) -> None:
+    def record_metrics(self, trainer: "Trainer", step: int, metrics: Dict[str, Optional[float]]) -> None:
         tokens = trainer.state.source_tokens
         if len(tokens) < 2:
             return
