@@ -98,6 +98,7 @@ def test_newest_is_by_iteration_and_incomplete_are_ignored(tmp_path):
     assert [p.name for p in list_checkpoints(str(tmp_path))] == ["iter_0000020", "iter_0000099", "iter_0000100"]
 
 
+@pytest.mark.slow  # tests/engine/test_nonfinite.py covers the policy (NaN in gradients, both settings)
 def test_nonfinite_loss_stops_with_checkpoint(tmp_path, synthetic_data):
     cfg = base_config(synthetic_data, tmp_path / "nan")
     cfg["optimizer"].update(lr=1e30, min_lr=0.0, clip_grad=0.0)

@@ -170,6 +170,7 @@ def test_profile_nsys_dry_run_wraps_the_launcher_with_a_capture_window(tmp_path)
     assert (profile["start_step"], profile["end_step"], profile["ranks"]) == (4, 6, [0])
 
 
+@pytest.mark.slow  # the SIGTERM and kill -9 launcher tests below drive the same 2-rank CPU_TINY run
 def test_cpu_tiny_drives_a_real_two_process_run(tmp_path):
     run_dir = tmp_path / "run"
     proc = _run(["launchers/pretrain_3b_b200.sh"], _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir)), timeout=300)
