@@ -424,7 +424,7 @@ class ObjectiveConfig:
     an objective with settings reads them from its own sub-section (``objective.orpo``,
     ``objective.dpo``)."""
 
-    name: str = "pretrain"
+    name: Literal["pretrain", "sft", "orpo", "dpo"] = "pretrain"
     """Objective: ``pretrain`` (next-token loss on every token), ``sft`` (loss on assistant
     tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs)."""
     orpo: OrpoConfig = field(default_factory=OrpoConfig)

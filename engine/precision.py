@@ -37,10 +37,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-import torch
-
 from engine.config import Config, ConfigError
-from models.specs import transformer_engine_available
+from models.te import transformer_engine_available
 
 
 class PrecisionError(ConfigError):
@@ -191,6 +189,8 @@ def select_recipe(requested: str, capability: Optional[Tuple[int, int]], te_vers
 
 def _detect() -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
     """(compute capability of the current GPU, TE version) of this machine; None where absent."""
+    import torch  # only here and in mfu_precision: config checks never import torch
+
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
     te_version = None
     if transformer_engine_available():
@@ -238,4 +238,6 @@ def mfu_precision(tf_config, dtype) -> str:
     fp8 = getattr(tf_config, "fp8", None)
     if fp8:
         return "mxfp8" if str(getattr(tf_config, "fp8_recipe", "")).endswith("mxfp8") else "fp8"
+    import torch
+
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")

@@ -12,11 +12,10 @@ from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
 from engine.config import Config, ConfigCheck, load_config, validate
-from engine.objectives import check_objective
 from engine.precision import check_fp8_config
 from models.presets import get_preset
 
-RUN_CHECKS: Tuple[ConfigCheck, ...] = (check_objective, check_fp8_config)
+RUN_CHECKS: Tuple[ConfigCheck, ...] = (check_fp8_config,)
 """The subsystems' own checks, reported together with ``validate``'s cross-section rules."""
 
 

@@ -9,17 +9,7 @@ from typing import Tuple
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from engine.config import ConfigError, ModelConfig
-
-
-def transformer_engine_available() -> bool:
-    """True when ``transformer_engine`` (and its torch extension) can be imported."""
-    if importlib.util.find_spec("transformer_engine") is None:
-        return False
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # a broken TE install (wrong CUDA, ...) counts as absent
-        return False
-    return True
+from models.te import transformer_engine_available
 
 
 def layer_spec(

@@ -282,3 +282,25 @@ def test_warmup_longer_than_run_or_decay_warns_but_runs(monkeypatch):
         validate_run(_cfg("training.steps=10", "schedule.warmup_steps=3"), 1)
         monkeypatch.setenv("RANK", "1")  # only rank 0 prints it
         validate_run(_cfg("training.steps=10", "schedule.warmup_steps=20"), 1)
+
+
+def test_objective_names_are_the_registry_and_config_commands_stay_light():
+    """``objective.name``'s Literal choices are exactly the objectives that can be built, and
+    resolving a config (``engine config``, ``plan``, the launchers' dry runs) imports neither
+    torch nor megatron-core (it took 4 s per command when it did)."""
+    import subprocess
+    import sys
+    import typing
+
+    from engine.config import ObjectiveConfig
+    from engine.objectives import OBJECTIVES
+
+    assert typing.get_args(typing.get_type_hints(ObjectiveConfig)["name"]) == tuple(OBJECTIVES)
+    code = (
+        "import sys; from engine.run_config import load_run_config, validate_run; "
+        "cfg = load_run_config(None, ['model.preset=frankenstallm-3b', 'data.mock=true', 'precision.dtype=fp8']); "
+        "validate_run(cfg, 8); "
+        "heavy = [m for m in ('torch', 'megatron') if m in sys.modules]; print(heavy); sys.exit(bool(heavy))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
