@@ -78,6 +78,7 @@ def test_rewritten_data_under_the_same_prefix_recomputes(tmp_path, post_training
     assert len(list((tmp_path / "data").glob("pref_reflogps_*.npy"))) == 2
 
 
+@pytest.mark.slow  # the key covering the weights: test_key_changes_with_bytes_rewritten_in_place
 def test_reference_retrained_in_place_recomputes_into_the_configured_dir(tmp_path, post_training_data, references):
     d, (first, retrained) = post_training_data, references
     ref = tmp_path / "ref" / "iter_0000004"

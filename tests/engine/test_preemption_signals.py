@@ -188,6 +188,7 @@ def test_sigusr1_to_torchruns_process_group(tmp_path, synthetic_data):
     _assert_complete_stop(run)
 
 
+@pytest.mark.slow  # the launcher tests forward signals through a wrapper script in the default suite
 def test_srun_like_wrapper_around_torchrun(tmp_path, synthetic_data):
     """(c) A bash wrapper that forwards SIGTERM/SIGUSR1 to its task as srun does, around torchrun;
     the signal reaches the wrapper's whole process group (wrapper and torchrun, so torchrun gets

@@ -18,7 +18,8 @@ from tests.conftest import base_config, run_engine, step_metrics
 REL_TOL = 1e-5
 GRAD_NORM_REL_TOL = 1e-4
 
-# tp2_pp2 (4 processes) runs in the slow suite; TP and PP each stay in the default one.
+# tp2_pp2 (4 processes) and plain pp2 run in the slow suite; TP, DP and PP (as PP=2 x VP=2)
+# stay in the default one.
 LLAMA_LAYOUTS = {
     "tp2": (2, ["parallel.tensor=2"]),
     "pp2": (2, ["parallel.pipeline=2"]),
@@ -63,7 +64,7 @@ def test_reference_run_learns(llama_reference):
 
 
 @pytest.mark.parametrize(
-    "layout", [pytest.param(k, marks=pytest.mark.slow) if k == "tp2_pp2" else k for k in LLAMA_LAYOUTS]
+    "layout", [pytest.param(k, marks=pytest.mark.slow) if k in ("tp2_pp2", "pp2") else k for k in LLAMA_LAYOUTS]
 )
 def test_llama_layout_matches_single_rank(layout, llama_reference, synthetic_data):
     root, init_ckpt, ref = llama_reference
