@@ -45,6 +45,7 @@ def test_logs_validation_and_blend_share(tmp_path, synthetic_data):
     assert sum(meta["source_tokens"]) == 8 * tokens_per_step
 
 
+@pytest.mark.slow  # the chaos test checks every step is recorded once after kills and resumes
 def test_resume_after_a_crash_records_each_step_once(tmp_path, synthetic_data):
     """A crash after the last checkpoint leaves records the resumed run writes again: they are
     dropped at the resume, so metrics.jsonl and summarize_metrics see each step once."""
