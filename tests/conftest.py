@@ -92,6 +92,13 @@ def base_config(data_prefix: str, run_dir: Path, preset: str = "tiny-llama") -> 
     }
 
 
+def torchrun_train_cmd(cfg_path: Path, nproc: int = 2, *args: str) -> List[str]:
+    """``python -m engine train CFG ARGS`` under torchrun on ``nproc`` CPU processes
+    (``--standalone``: torchrun picks a free rendezvous port itself, no race with other runs)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*launcher, "-m", "engine", "train", str(cfg_path), *args]
+
+
 def run_engine(
     config: Dict, nproc: int = 1, overrides: Sequence[str] = (), timeout: int = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
@@ -103,19 +110,7 @@ def run_engine(
     if nproc == 1:
         cmd = [sys.executable, "-m", "engine", "train", str(cfg_path), *overrides]
     else:
-        # --standalone: torchrun picks a free rendezvous port itself (no race with other runs).
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "engine",
-            "train",
-            str(cfg_path),
-            *overrides,
-        ]
+        cmd = torchrun_train_cmd(cfg_path, nproc, *overrides)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

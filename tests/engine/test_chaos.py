@@ -14,7 +14,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import List
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from engine.checkpoint import list_checkpoints, read_meta
-from tests.conftest import REPO, base_config, run_engine, step_metrics
+from tests.conftest import REPO, base_config, run_engine, step_metrics, torchrun_train_cmd
 
 STEPS = 16
 SAVE_INTERVAL = 2
@@ -64,18 +63,7 @@ class Job:
         )
         self.log = open(run / f"attempt_{attempt}.log", "w+")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--standalone",
-                "--nproc_per_node=2",
-                "-m",
-                "engine",
-                "train",
-                str(path),
-                "--resume",
-            ],
+            torchrun_train_cmd(path, 2, "--resume"),
             cwd=REPO,
             env=env,
             stdout=self.log,

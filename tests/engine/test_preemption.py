@@ -15,7 +15,7 @@ import yaml
 from engine.checkpoint import latest_checkpoint, read_meta
 from engine.preemption import PreemptionHandler
 from engine.run_lock import RunLockError, acquire_for_run, try_lock
-from tests.conftest import REPO, base_config, run_engine, step_metrics
+from tests.conftest import REPO, base_config, run_engine, step_metrics, torchrun_train_cmd
 
 
 class FakeTrainer:
@@ -152,17 +152,7 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(tmp_path, synthetic_data
     path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "engine",
-            "train",
-            str(path),
-        ],
+        torchrun_train_cmd(path),
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

@@ -18,7 +18,7 @@ import yaml
 
 from engine.checkpoint import checkpoint_root, latest_checkpoint, read_meta
 from engine.run_lock import try_lock
-from tests.conftest import REPO, base_config, run_engine, step_metrics
+from tests.conftest import REPO, base_config, run_engine, step_metrics, torchrun_train_cmd
 
 STEPS = 40
 
@@ -121,17 +121,7 @@ def _env(tmp_path: Path, **extra) -> dict:
 
 
 def _torchrun(path: Path) -> List[str]:
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "-m",
-        "engine",
-        "train",
-        str(path),
-    ]
+    return torchrun_train_cmd(path)
 
 
 def _assert_complete_stop(run: Path) -> int:

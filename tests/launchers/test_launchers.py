@@ -189,87 +189,103 @@ def test_cpu_tiny_moe_launcher_runs_expert_parallel(tmp_path):
     assert "ep 0/2" in proc.stdout and len(step_metrics(run_dir)) == 3
 
 
-def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
-    """`kill -TERM <launcher pid>` (CPU_TINY, torchrun, 2 ranks) after a first checkpoint: the
-    launcher forwards it, the ranks checkpoint, and 75 (requeue) comes back through torchrun."""
-    import signal
-    import time
+class _LauncherJob:
+    """The CPU_TINY pretraining launcher (2 ranks, a checkpoint every 2 of 40 steps) in its
+    own session, with every process it started remembered (to check none survives)."""
 
-    import psutil
+    def __init__(self, tmp_path: Path, capture: bool):
+        self.run_dir = tmp_path / "run"
+        env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(self.run_dir), STEPS="40", SAVE_INTERVAL="2")
+        out = subprocess.PIPE if capture else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            ["bash", "launchers/pretrain_3b_b200.sh"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        self.tree: dict = {}
 
-    run_dir = tmp_path / "run"
-    env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
-    proc = subprocess.Popen(
-        ["bash", "launchers/pretrain_3b_b200.sh"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    tree = {}
-    try:
-        deadline = time.time() + 90
-        while not (run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
-            tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
+    def remember(self) -> None:
+        import psutil
+
+        self.tree.update({p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)})
+
+    def wait_for_first_checkpoint(self, timeout: float = 90) -> None:
+        import time
+
+        deadline = time.time() + timeout
+        while not (self.run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
+            self.remember()
             time.sleep(0.2)
-        tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
-        os.kill(proc.pid, signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0].decode()
-    finally:
-        for p in [*tree.values()] + ([psutil.Process(proc.pid)] if proc.poll() is None else []):
+        self.remember()
+
+    def alive(self, grace: float = 0) -> list:
+        """Command lines of remembered processes still running after up to ``grace`` seconds."""
+        import time
+
+        import psutil
+
+        def running():
+            return [
+                " ".join(p.cmdline())
+                for p in self.tree.values()
+                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+            ]
+
+        deadline = time.time() + grace
+        while running() and time.time() < deadline:
+            time.sleep(0.2)
+        return running()
+
+    def kill_all(self) -> None:
+        import psutil
+
+        for p in list(self.tree.values()) + ([psutil.Process(self.proc.pid)] if self.proc.poll() is None else []):
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-    assert proc.returncode == 75, out[-3000:]
+
+    def checkpoints(self) -> list:
+        return sorted(p.name for p in (self.run_dir / "checkpoints").iterdir())
+
+
+def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
+    """`kill -TERM <launcher pid>` (CPU_TINY, torchrun, 2 ranks) after a first checkpoint: the
+    launcher forwards it, the ranks checkpoint, and 75 (requeue) comes back through torchrun."""
+    import signal
+
+    job = _LauncherJob(tmp_path, capture=True)
+    try:
+        job.wait_for_first_checkpoint()
+        os.kill(job.proc.pid, signal.SIGTERM)
+        out = job.proc.communicate(timeout=60)[0].decode()
+        alive = job.alive(grace=1)
+    finally:
+        job.kill_all()
+    assert job.proc.returncode == 75, out[-3000:]
     assert "SIGTERM received: forwarded" in out
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    ckpts = job.checkpoints()
     assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
-    time.sleep(1)
-    assert [p.pid for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE] == []
+    assert alive == [], alive
 
 
 def test_kill_9_of_the_launcher_stops_the_job_with_a_checkpoint(tmp_path):
     """`kill -9 <launcher pid>` runs no trap; the job lives in its own session, so the launcher's
     watcher must stop it (one TERM: checkpoint, exit) instead of leaving it training unattended."""
     import signal
-    import time
 
-    import psutil
-
-    run_dir = tmp_path / "run"
-    env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
-    proc = subprocess.Popen(
-        ["bash", "launchers/pretrain_3b_b200.sh"],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    tree = {}
+    job = _LauncherJob(tmp_path, capture=False)
     try:
-        deadline = time.time() + 90
-        while not (run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
-            tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
-            time.sleep(0.2)
-        tree.update({p.pid: p for p in psutil.Process(proc.pid).children(recursive=True)})
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-        deadline = time.time() + 60
-        while time.time() < deadline and [
-            p for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]:
-            time.sleep(0.2)
-        alive = [" ".join(p.cmdline()) for p in tree.values() if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        job.wait_for_first_checkpoint()
+        os.kill(job.proc.pid, signal.SIGKILL)
+        job.proc.wait(timeout=10)
+        alive = job.alive(grace=60)
     finally:
-        for p in tree.values():
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
+        job.kill_all()
     assert alive == [], alive
-    ckpts = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    ckpts = job.checkpoints()
     assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
     assert len(ckpts) >= 2 and ckpts[-1] < "iter_0000040", ckpts  # stopped early, with its own checkpoint
