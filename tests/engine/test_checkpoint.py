@@ -169,7 +169,7 @@ def test_load_of_an_older_iteration_into_the_same_dir_is_refused(uninterrupted, 
     root, cfg, _ = uninterrupted
     run_dir = tmp_path / "tl"
     shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
-    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    before = _mtimes(run_dir)
     load = dict(
         cfg,
         checkpoint=dict(
@@ -179,14 +179,19 @@ def test_load_of_an_older_iteration_into_the_same_dir_is_refused(uninterrupted, 
     proc = run_engine(load, check=False)
     assert proc.returncode == 2
     assert "iter_0000006" in proc.stderr and "another checkpoint.dir" in proc.stderr
-    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+    assert _mtimes(run_dir) == before
+
+
+def _mtimes(run_dir):
+    """Every file of the run's checkpoints with its modification time: a refused run touches none."""
+    return {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
 
 
 def test_resume_behind_the_checkpoint_is_refused(uninterrupted, tmp_path):
     root, cfg, _ = uninterrupted
     run_dir = tmp_path / "behind"
     shutil.copytree(root / "full" / "checkpoints", run_dir / "checkpoints")
-    before = {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")}
+    before = _mtimes(run_dir)
     resume = dict(
         cfg,
         checkpoint=dict(cfg["checkpoint"], dir=str(run_dir), resume=True, keep=1),
@@ -195,7 +200,7 @@ def test_resume_behind_the_checkpoint_is_refused(uninterrupted, tmp_path):
     proc = run_engine(resume, check=False)
     assert proc.returncode == 2
     assert "training.steps=4 is behind" in proc.stderr and "iteration 6" in proc.stderr
-    assert {p: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").rglob("*")} == before
+    assert _mtimes(run_dir) == before
 
 
 def test_retention_never_prunes_the_checkpoint_the_run_started_from(uninterrupted, tmp_path):

@@ -158,6 +158,24 @@ def test_sigterm_to_the_process_group_after_a_checkpoint(tmp_path, synthetic_dat
     assert [r["step"] for r in step_metrics(run)][-3:] == [stopped_at, stopped_at + 1, stopped_at + 2]
 
 
+def _fault_after_first_save(
+    run: Path, codes: Path, since: float, cmd: List[str], env: dict, deliver, timeout: float = 40
+) -> None:
+    """Start ``cmd``, wait for its first checkpoint, ``deliver(job)`` the fault, and require that
+    nothing of the job survives, every rank exited 75 and the stop checkpoint is complete."""
+    job = Job(cmd, env)
+    try:
+        job.wait_for("saved checkpoint")
+        job.remember_tree()
+        deliver(job)
+        job.wait()
+        assert survivors(job, run, since, timeout=timeout) == [], job.out[-3000:]
+    finally:
+        job.kill_all()
+    assert _rank_codes(codes) == {"rank0": "75", "rank1": "75"}, job.out[-3000:]
+    _assert_complete_stop(run)
+
+
 @pytest.mark.slow  # the default suite's chaos test delivers the same fault (and checks the same outcome)
 def test_sigusr1_to_torchruns_process_group(tmp_path, synthetic_data):
     """(b) SIGUSR1 to torchrun's process group, as a terminal or a batch script would send it.
@@ -165,17 +183,15 @@ def test_sigusr1_to_torchruns_process_group(tmp_path, synthetic_data):
     notice, checkpoint and exit 75 rather than train on alone."""
     run, codes, since = tmp_path / "run", tmp_path / "codes", time.time()
     codes.mkdir()
-    job = Job(_torchrun(_config(synthetic_data, run)), _env(tmp_path, ENGINE_EXIT_CODE_DIR=str(codes)))
-    try:
-        job.wait_for("saved checkpoint")
-        job.remember_tree()
-        os.killpg(job.proc.pid, signal.SIGUSR1)
-        job.wait()
-        assert survivors(job, run, since, timeout=40) == [], job.out[-3000:]
-    finally:
-        job.kill_all()
-    assert _rank_codes(codes) == {"rank0": "75", "rank1": "75"}, job.out[-3000:]
-    _assert_complete_stop(run)
+    env = _env(tmp_path, ENGINE_EXIT_CODE_DIR=str(codes))
+    _fault_after_first_save(
+        run,
+        codes,
+        since,
+        _torchrun(_config(synthetic_data, run)),
+        env,
+        lambda job: os.killpg(job.proc.pid, signal.SIGUSR1),
+    )
 
 
 @pytest.mark.slow  # the launcher tests forward signals through a wrapper script in the default suite
@@ -198,17 +214,14 @@ def test_srun_like_wrapper_around_torchrun(tmp_path, synthetic_data):
         ENGINE_EXIT_CODE_DIR=str(codes),
         TORCHELASTIC_SIGNALS_TO_HANDLE="SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
     )
-    job = Job([str(srun), *_torchrun(_config(synthetic_data, run))], env)
-    try:
-        job.wait_for("saved checkpoint")
-        job.remember_tree()
-        os.killpg(job.proc.pid, signal.SIGTERM)
-        job.wait()
-        assert survivors(job, run, since, timeout=40) == [], job.out[-3000:]
-    finally:
-        job.kill_all()
-    assert _rank_codes(codes) == {"rank0": "75", "rank1": "75"}, job.out[-3000:]
-    _assert_complete_stop(run)
+    _fault_after_first_save(
+        run,
+        codes,
+        since,
+        [str(srun), *_torchrun(_config(synthetic_data, run))],
+        env,
+        lambda job: os.killpg(job.proc.pid, signal.SIGTERM),
+    )
 
 
 @pytest.mark.slow  # the default suite's chaos test kills torchrun too (the next attempt needs the lock)
@@ -216,18 +229,17 @@ def test_kill_9_of_torchrun_stops_the_ranks_and_frees_the_lock(tmp_path, synthet
     """(e) torchrun killed with SIGKILL: both ranks stop within seconds and the run lock is free."""
     run, codes, since = tmp_path / "run", tmp_path / "codes", time.time()
     codes.mkdir()
-    job = Job(_torchrun(_config(synthetic_data, run)), _env(tmp_path, ENGINE_EXIT_CODE_DIR=str(codes)))
-    try:
-        job.wait_for("saved checkpoint")
-        job.remember_tree()
-        os.kill(job.proc.pid, signal.SIGKILL)
-        job.wait()
-        assert survivors(job, run, since, timeout=30) == [], job.out[-3000:]
-    finally:
-        job.kill_all()
+    env = _env(tmp_path, ENGINE_EXIT_CODE_DIR=str(codes))
+    _fault_after_first_save(
+        run,
+        codes,
+        since,
+        _torchrun(_config(synthetic_data, run)),
+        env,
+        lambda job: os.kill(job.proc.pid, signal.SIGKILL),
+        timeout=30,
+    )
     try_lock(run).release()  # nobody holds the run directory any more
-    assert _rank_codes(codes) == {"rank0": "75", "rank1": "75"}, job.out[-3000:]
-    _assert_complete_stop(run)
 
 
 def test_parent_watchdog_calls_back_once_when_the_parent_dies():
