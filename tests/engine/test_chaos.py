@@ -23,6 +23,7 @@ import yaml
 
 from engine.checkpoint import list_checkpoints, read_meta
 from tests.conftest import REPO, base_config, run_engine, step_metrics, torchrun_train_cmd
+from tests.processes import survivors
 
 STEPS = 16
 SAVE_INTERVAL = 2
@@ -70,7 +71,8 @@ class Job:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        self.tree: dict = {}
+        self.seen: dict = {}
+        self.started = time.time()
 
     def output(self) -> str:
         if not self.log.closed:
@@ -84,7 +86,7 @@ class Job:
             procs = [psutil.Process(self.proc.pid)] + psutil.Process(self.proc.pid).children(recursive=True)
         except psutil.Error:
             return
-        self.tree.update({p.pid: p for p in procs})
+        self.seen.update({p.pid: p for p in procs})
 
     def wait_until(self, predicate, what: str, timeout: float = 180) -> None:
         deadline = time.time() + timeout
@@ -102,7 +104,7 @@ class Job:
         import psutil
 
         self.remember_tree()
-        for p in self.tree.values():
+        for p in self.seen.values():
             try:
                 p.send_signal(sig)
             except psutil.Error:
@@ -119,25 +121,6 @@ class Job:
             (self.codes / f"rank{r}").read_text().strip() if (self.codes / f"rank{r}").exists() else "-"
             for r in range(2)
         ]
-
-    def survivors(self, grace: float = 60) -> List[str]:
-        """Processes of the job (ranks, dist-checkpointing helpers) still alive after ``grace`` s."""
-        import psutil
-
-        def alive():
-            out = []
-            for p in self.tree.values():
-                try:
-                    if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
-                        out.append(" ".join(p.cmdline()))
-                except psutil.Error:
-                    pass
-            return out
-
-        deadline = time.time() + grace
-        while alive() and time.time() < deadline:
-            time.sleep(0.2)
-        return alive()
 
 
 def _step_logged(job: Job, step: int):
@@ -228,7 +211,7 @@ def test_chaos_faults_then_resume_equal_the_uninterrupted_run(tmp_path, syntheti
             else:
                 os.killpg(job.proc.pid, signal.SIGUSR1)  # torchrun's group; torchrun forwards it
         code = job.finish()
-        left = job.survivors()
+        left = survivors(job, run, job.started, timeout=60)  # ranks, helpers, orphans
         codes = job.rank_codes()
         history.append(
             f"{fault} after iteration {start} (target {target}): torchrun {code}, ranks {codes}, "

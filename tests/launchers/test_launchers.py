@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, step_metrics
+from tests.processes import Job, survivors
 
 LAUNCHERS = REPO / "launchers"
 LOCAL = ["pretrain_3b_b200.sh", "sft_3b_b200.sh", "orpo_3b_b200.sh", "moe_ep_b200.sh"]
@@ -189,67 +190,21 @@ def test_cpu_tiny_moe_launcher_runs_expert_parallel(tmp_path):
     assert "ep 0/2" in proc.stdout and len(step_metrics(run_dir)) == 3
 
 
-class _LauncherJob:
-    """The CPU_TINY pretraining launcher (2 ranks, a checkpoint every 2 of 40 steps) in its
-    own session, with every process it started remembered (to check none survives)."""
+def _launcher_job(tmp_path: Path):
+    """The CPU_TINY pretraining launcher (2 ranks, a checkpoint every 2 of 40 steps) in its own
+    session, started once its first checkpoint is written; returns (job, run_dir, start time)."""
+    import time
 
-    def __init__(self, tmp_path: Path, capture: bool):
-        self.run_dir = tmp_path / "run"
-        env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(self.run_dir), STEPS="40", SAVE_INTERVAL="2")
-        out = subprocess.PIPE if capture else subprocess.DEVNULL
-        self.proc = subprocess.Popen(
-            ["bash", "launchers/pretrain_3b_b200.sh"],
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT if capture else subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        self.tree: dict = {}
+    run_dir, since = tmp_path / "run", time.time()
+    env = _env(tmp_path, CPU_TINY="1", RUN_DIR=str(run_dir), STEPS="40", SAVE_INTERVAL="2")
+    job = Job(["bash", "launchers/pretrain_3b_b200.sh"], env)
+    job.wait_for("saved checkpoint")
+    job.remember_tree()
+    return job, run_dir, since
 
-    def remember(self) -> None:
-        import psutil
 
-        self.tree.update({p.pid: p for p in psutil.Process(self.proc.pid).children(recursive=True)})
-
-    def wait_for_first_checkpoint(self, timeout: float = 90) -> None:
-        import time
-
-        deadline = time.time() + timeout
-        while not (self.run_dir / "checkpoints" / "iter_0000002").is_dir() and time.time() < deadline:
-            self.remember()
-            time.sleep(0.2)
-        self.remember()
-
-    def alive(self, grace: float = 0) -> list:
-        """Command lines of remembered processes still running after up to ``grace`` seconds."""
-        import time
-
-        import psutil
-
-        def running():
-            return [
-                " ".join(p.cmdline())
-                for p in self.tree.values()
-                if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-            ]
-
-        deadline = time.time() + grace
-        while running() and time.time() < deadline:
-            time.sleep(0.2)
-        return running()
-
-    def kill_all(self) -> None:
-        import psutil
-
-        for p in list(self.tree.values()) + ([psutil.Process(self.proc.pid)] if self.proc.poll() is None else []):
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-
-    def checkpoints(self) -> list:
-        return sorted(p.name for p in (self.run_dir / "checkpoints").iterdir())
+def _checkpoints(run_dir: Path) -> list:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir())
 
 
 def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
@@ -257,17 +212,16 @@ def test_sigterm_to_the_launcher_is_forwarded_and_returns_75(tmp_path):
     launcher forwards it, the ranks checkpoint, and 75 (requeue) comes back through torchrun."""
     import signal
 
-    job = _LauncherJob(tmp_path, capture=True)
+    job, run_dir, since = _launcher_job(tmp_path)
     try:
-        job.wait_for_first_checkpoint()
         os.kill(job.proc.pid, signal.SIGTERM)
-        out = job.proc.communicate(timeout=60)[0].decode()
-        alive = job.alive(grace=1)
+        code = job.wait()
+        alive = survivors(job, run_dir, since, timeout=1)
     finally:
         job.kill_all()
-    assert job.proc.returncode == 75, out[-3000:]
-    assert "SIGTERM received: forwarded" in out
-    ckpts = job.checkpoints()
+    assert code == 75, job.out[-3000:]
+    assert "SIGTERM received: forwarded" in job.out
+    ckpts = _checkpoints(run_dir)
     assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
     assert alive == [], alive
 
@@ -277,15 +231,14 @@ def test_kill_9_of_the_launcher_stops_the_job_with_a_checkpoint(tmp_path):
     watcher must stop it (one TERM: checkpoint, exit) instead of leaving it training unattended."""
     import signal
 
-    job = _LauncherJob(tmp_path, capture=False)
+    job, run_dir, since = _launcher_job(tmp_path)
     try:
-        job.wait_for_first_checkpoint()
         os.kill(job.proc.pid, signal.SIGKILL)
-        job.proc.wait(timeout=10)
-        alive = job.alive(grace=60)
+        job.wait(timeout=10)
+        alive = survivors(job, run_dir, since, timeout=60)
     finally:
         job.kill_all()
     assert alive == [], alive
-    ckpts = job.checkpoints()
+    ckpts = _checkpoints(run_dir)
     assert not [c for c in ckpts if c.endswith(".tmp")] and ckpts[-1] > "iter_0000002", ckpts
     assert len(ckpts) >= 2 and ckpts[-1] < "iter_0000040", ckpts  # stopped early, with its own checkpoint
