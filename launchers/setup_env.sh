@@ -3,7 +3,7 @@
 # Sourced by examples/quickstart.sh and tests/run.sh; prints what it does.
 #
 #   VENV=path      where the environment lives (default: .venv in the repository)
-#   EXTRAS=dev     pip extras to install (default: dev)
+#   EXTRAS=dev,opt pip extras to install (default: dev,opt: the test tools and nvidia-modelopt)
 #
 # A torch that already imports (e.g. the CUDA build of an NGC container) is kept: the venv
 # then sees the system site-packages and pip is never asked for torch. Otherwise the CPU
@@ -13,7 +13,7 @@ set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$repo/.venv}"
-EXTRAS="${EXTRAS:-dev}"
+EXTRAS="${EXTRAS:-dev,opt}"
 PYTHON_BIN="${PYTHON_BIN:-python3}"
 
 if [ ! -x "$VENV/bin/python" ]; then
