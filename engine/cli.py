@@ -20,6 +20,15 @@ COMMAND_MODULES = [
     "engine.commands.config",
     "engine.commands.plan",
     "engine.data.commands",
+    "engine.commands.export",
+    "engine.commands.import_hf",
+    "engine.commands.generate",
+    "engine.commands.eval",
+    "engine.commands.merge",
+    "engine.commands.quantize",
+    "engine.commands.prune",
+    "engine.commands.merge_lora",
+    "engine.commands.pipeline",
 ]
 
 

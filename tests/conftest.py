@@ -168,3 +168,27 @@ def post_training_config(paths: Dict[str, str], run_dir: Path, objective: str, d
     cfg["data"].update(tokenizer=paths["tokenizer"], seq_length=128, split="80,20,0")
     cfg["objective"] = {"name": objective}
     return cfg
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(post_training_data, tmp_path_factory):
+    """``get(preset, nproc=1, **parallel) -> run_dir``: a run of ``preset`` trained 3 steps on the
+    session's tokenized sample (tokenizer attached, vocab 1024) at that layout, e.g.
+    ``get("tiny-llama", 4, tensor=2, pipeline=2)``. Cached per (preset, nproc, layout) for the
+    session, so export, generation and evaluation tests share the few runs they need."""
+    cache: Dict[tuple, Path] = {}
+    root = tmp_path_factory.mktemp("trained")
+
+    def get(preset: str, nproc: int = 1, **parallel) -> Path:
+        key = (preset, nproc, tuple(sorted(parallel.items())))
+        if key not in cache:
+            name = preset + "".join(f"_{k}{v}" for k, v in key[2]) + f"_n{nproc}"
+            cfg = post_training_config(post_training_data, root / name, "pretrain", "pretrain")
+            cfg["model"]["preset"] = preset
+            cfg["training"]["steps"] = 3
+            cfg["parallel"] = dict(parallel)
+            run_engine(cfg, nproc=nproc)
+            cache[key] = root / name
+        return cache[key]
+
+    return get
