@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import sys
 import tempfile
@@ -39,10 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
+
 from engine.config import ConfigError
 
 if TYPE_CHECKING:
-    import numpy as np
+    from gguf import GGMLQuantizationType
 
 OUT_TYPES = ("f16", "q8_0", "f32")
 ARCH = "llama"
@@ -133,7 +136,7 @@ class LlamaHParams:
         )
 
 
-def permute_rope_rows(w: "np.ndarray", n_head: int) -> "np.ndarray":
+def permute_rope_rows(w: np.ndarray, n_head: int) -> np.ndarray:
     """Reorder each head's rows from rotate-half order to llama.cpp's interleaved pairs.
 
     The same reshape as llama.cpp's ``LlamaModel.permute``: rows ``[x0..x(d/2-1), y0..]``
@@ -268,7 +271,7 @@ class _Weights:
             raise GGUFExportError(f"the Hugging Face weights lack '{key}'")
         return tuple(self.where[key].get_slice(key).get_shape())  # type: ignore[attr-defined]
 
-    def take(self, key: str) -> Callable[[], "np.ndarray"]:
+    def take(self, key: str) -> Callable[[], np.ndarray]:
         """Mark ``key`` consumed; return a loader of its float32 values."""
         self.shape(key)
         self.used.add(key)
@@ -285,8 +288,8 @@ class _Tensor:
 
     name: str
     shape: Tuple[int, ...]
-    qtype: object
-    load: Callable[[], "np.ndarray"]
+    qtype: "GGMLQuantizationType"
+    load: Callable[[], np.ndarray]
 
 
 def _tensor_name(kind: str, bid: Optional[int] = None, suffix: str = "weight") -> str:
@@ -295,7 +298,7 @@ def _tensor_name(kind: str, bid: Optional[int] = None, suffix: str = "weight") -
     return gguf.TENSOR_NAMES[getattr(gguf.MODEL_TENSOR, kind)].format(bid=bid) + "." + suffix
 
 
-def _qtype(name: str, shape: Tuple[int, ...], out_type: str):
+def _qtype(name: str, shape: Tuple[int, ...], out_type: str) -> "GGMLQuantizationType":
     """llama.cpp's converter's choice: F32 for 1-D tensors and the MoE router, else the
     requested type, with F16 for Q8_0 tensors whose rows are not whole blocks."""
     import gguf
@@ -309,9 +312,17 @@ def _qtype(name: str, shape: Tuple[int, ...], out_type: str):
     return Q.Q8_0 if shape[-1] % block == 0 else Q.F16
 
 
+def _stack(loads: List[Callable[[], np.ndarray]]) -> np.ndarray:
+    return np.stack([f() for f in loads])
+
+
+def _rows(load: Callable[[], np.ndarray], start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of every expert of a fused ``[experts, rows, cols]`` tensor."""
+    return np.ascontiguousarray(load()[:, start:stop])
+
+
 def _plan_tensors(w: _Weights, hp: LlamaHParams, out_type: str, where: str) -> List[_Tensor]:
     """Every GGUF tensor, mapped strictly from the Hugging Face keys (each used once)."""
-    import numpy as np
 
     planned: List[_Tensor] = []
 
@@ -347,21 +358,25 @@ def _plan_tensors(w: _Weights, hp: LlamaHParams, out_type: str, where: str) -> L
         n = hp.n_expert
         if w.has(p + "block_sparse_moe.gate.weight"):  # the hub layout: one tensor per expert
             direct("FFN_GATE_INP", i, p + "block_sparse_moe.gate.weight", (n, E))
-            for kind, wid, shape in (("FFN_GATE_EXP", "w1", (F, E)), ("FFN_UP_EXP", "w3", (F, E)), ("FFN_DOWN_EXP", "w2", (E, F))):
+            for kind, wid, shape in (
+                ("FFN_GATE_EXP", "w1", (F, E)),
+                ("FFN_UP_EXP", "w3", (F, E)),
+                ("FFN_DOWN_EXP", "w2", (E, F)),
+            ):
                 keys = [f"{p}block_sparse_moe.experts.{e}.{wid}.weight" for e in range(n)]
                 for k in keys:
                     if w.shape(k) != shape:
                         raise GGUFExportError(f"{where}: '{k}' has shape {w.shape(k)}, the config implies {shape}")
                 loads = [w.take(k) for k in keys]
-                add(kind, i, (n, *shape), lambda loads=loads: np.stack([f() for f in loads]))
+                add(kind, i, (n, *shape), functools.partial(_stack, loads))
         else:  # transformers 5's fused in-memory layout: gate_up_proj[e] = [gate; up]
             direct("FFN_GATE_INP", i, p + "mlp.gate.weight", (n, E))
             key = p + "mlp.experts.gate_up_proj"
             if w.shape(key) != (n, 2 * F, E):
                 raise GGUFExportError(f"{where}: '{key}' has shape {w.shape(key)}, the config implies {(n, 2 * F, E)}")
             gate_up = w.take(key)
-            add("FFN_GATE_EXP", i, (n, F, E), lambda f=gate_up: np.ascontiguousarray(f()[:, :F]))
-            add("FFN_UP_EXP", i, (n, F, E), lambda f=gate_up: np.ascontiguousarray(f()[:, F:]))
+            add("FFN_GATE_EXP", i, (n, F, E), functools.partial(_rows, gate_up, 0, F))
+            add("FFN_UP_EXP", i, (n, F, E), functools.partial(_rows, gate_up, F, 2 * F))
             direct("FFN_DOWN_EXP", i, p + "mlp.experts.down_proj", (n, E, F))
     direct("OUTPUT_NORM", None, "model.norm.weight", (E,))
     if not hp.tied:
@@ -403,7 +418,9 @@ def _file_type(out_type: str):
     }[out_type]
 
 
-def convert_hf_dir(hf_dir: Path, out: Path, out_type: str = "f16", name: Optional[str] = None, progress: bool = True) -> GGUFResult:
+def convert_hf_dir(
+    hf_dir: Path, out: Path, out_type: str = "f16", name: Optional[str] = None, progress: bool = True
+) -> GGUFResult:
     """Write the engine-exported Hugging Face directory ``hf_dir`` as the GGUF file ``out``
     (through ``out.tmp``) and an Ollama ``Modelfile`` next to it."""
     import gguf
@@ -449,7 +466,7 @@ def convert_hf_dir(hf_dir: Path, out: Path, out_type: str = "f16", name: Optiona
                 count *= d
             nbytes = count // block * size
             total += nbytes
-            writer.add_tensor_info(t.name, t.shape, _np_float32(), nbytes, raw_dtype=t.qtype)
+            writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), nbytes, raw_dtype=t.qtype)
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
@@ -466,12 +483,6 @@ def convert_hf_dir(hf_dir: Path, out: Path, out_type: str = "f16", name: Optiona
     modelfile = out.parent / "Modelfile"
     ollama.write_modelfile(modelfile, ollama.modelfile_text(out.name, fmt, eos_piece, sampling, hp.n_ctx))
     return GGUFResult(out, modelfile, out_type, len(planned), total, fmt.name)
-
-
-def _np_float32():
-    import numpy as np
-
-    return np.dtype(np.float32)
 
 
 def _progress(items: List[_Tensor], enabled: bool) -> Iterator[_Tensor]:
@@ -494,7 +505,9 @@ def _end_of_turn(gen_config: Dict, vocab: Vocab, fmt) -> Optional[int]:
     return vocab.piece_id(fmt.end_of_turn) if fmt.end_of_turn else None
 
 
-def _add_metadata(writer, hp: LlamaHParams, vocab: Vocab, name: str, out_type: str, tok_config: Dict, template, eot, sampling) -> None:
+def _add_metadata(
+    writer, hp: LlamaHParams, vocab: Vocab, name: str, out_type: str, tok_config: Dict, template, eot, sampling
+) -> None:
     import gguf
 
     writer.add_type(gguf.GGUFType.MODEL)

@@ -29,9 +29,7 @@ _GENERATION_KEYS = {
     "repetition_penalty": "repeat_penalty",
 }
 
-_CHATML_GO = (
-    "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
-)
+_CHATML_GO = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
 
 
 def _alpaca_go(eos_piece: str) -> str:
