@@ -480,3 +480,34 @@ def test_checkpoint_configs_gguf_cannot_express():
         with pytest.raises(G.GGUFExportError, match=message):
             G._check_model_config(cfg.model, preset)
     G._check_model_config(load_run_config(None, ["model.preset=tiny-moe", "model.sliding_window=0"]).model, "ok")
+
+
+# ------------------------------------------------------------------------------------
+# From an engine checkpoint (through `export hf`)
+# ------------------------------------------------------------------------------------
+
+
+def test_from_a_checkpoint_matches_the_engine_model(trained_checkpoint, megatron_single_rank, tmp_path, capsys):
+    """A run directory -> GGUF: the llama.cpp-convention forward on the file reproduces the
+    megatron-core model's logits; the end-of-turn id comes from the exported generation config."""
+    import sentencepiece as spm
+
+    from engine.model_io import load_model
+
+    run = trained_checkpoint("tiny-llama")
+    out = tmp_path / "out" / "run.gguf"
+    G.export_gguf(run, out, "f32", progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["Modelfile", "run.gguf"]  # the HF scratch is gone
+    loaded = load_model(run)
+    ids = _ids(4)
+    with torch.no_grad():
+        tokens = torch.tensor(ids)[None]
+        engine = loaded.model(tokens, torch.arange(len(ids))[None], None)[0, :, :VOCAB].double().numpy()
+    diff = np.abs(gguf_forward(out, ids) - engine).max()
+    print(f"max |llama.cpp-convention forward(GGUF f32) - megatron| = {diff:.2e}")
+    assert diff < 1e-4
+    meta, _ = _read(out)
+    sp = spm.SentencePieceProcessor(model_file=str(Path(loaded.cfg.data.tokenizer) / "tokenizer.model"))
+    assert meta["tokenizer.ggml.eot_token_id"] == sp.piece_to_id("<|im_end|>")
+    assert meta["tokenizer.chat_template"] == get_chat_template(loaded.cfg.data.chat_template).to_jinja()
+    assert meta["general.name"] == f"{run.name}-iter_0000003"
