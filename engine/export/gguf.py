@@ -51,6 +51,7 @@ OUT_TYPES = ("f16", "q8_0", "f32")
 ARCH = "llama"
 # Hugging Face architectures llama.cpp's ``llama`` covers, and whether they are MoE.
 SUPPORTED = {"LlamaForCausalLM": False, "MixtralForCausalLM": True}
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
 # Score and type llama.cpp's converter gives the rows past the tokenizer's pieces.
 PAD_SCORE = -10000.0
 
@@ -86,9 +87,10 @@ class LlamaHParams:
     def from_config(cls, config: Dict, where: str) -> "LlamaHParams":
         """Validate a transformers ``config.json`` dict; GGUFExportError naming what llama.cpp
         would compute differently."""
-        archs = config.get("architectures") or [str(config.get("model_type"))]
-        arch = archs[0]
-        if arch == "GPT2LMHeadModel" or config.get("model_type") == "gpt2":
+        model_type = str(config.get("model_type"))
+        # A config written by a bare ``PretrainedConfig.save_pretrained`` has no architectures.
+        arch = (config.get("architectures") or [_MODEL_TYPES.get(model_type, model_type)])[0]
+        if arch == "GPT2LMHeadModel" or model_type == "gpt2":
             raise GGUFExportError(
                 f"{where}: GPT-2 models are not exported to GGUF; the engine writes llama.cpp's "
                 "llama architecture only (the LLaMA and Mixtral presets)"

@@ -511,3 +511,13 @@ def test_from_a_checkpoint_matches_the_engine_model(trained_checkpoint, megatron
     assert meta["tokenizer.ggml.eot_token_id"] == sp.piece_to_id("<|im_end|>")
     assert meta["tokenizer.chat_template"] == get_chat_template(loaded.cfg.data.chat_template).to_jinja()
     assert meta["general.name"] == f"{run.name}-iter_0000003"
+
+
+def test_config_without_architectures_is_read_by_model_type(llama_dir):
+    _, hf = llama_dir
+    config = json.loads((hf / "config.json").read_text())
+    config.pop("architectures")
+    hp = G.LlamaHParams.from_config(config, "x")
+    assert (hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_expert, hp.rope_theta) == (4, 2, 16, 0, 500000.0)
+    with pytest.raises(G.GGUFExportError, match="GPT-2"):
+        G.LlamaHParams.from_config({**config, "model_type": "gpt2"}, "x")
