@@ -95,6 +95,8 @@ class EvalStage:
     """Evaluation of every stage's checkpoint (``engine eval``): perplexity per dataset, the
     forgetting between stages, repetition and EOS rate of generations."""
 
+    prompts: List[str] = field(default_factory=list)
+    """Prompts answered (greedy) for the repetition and EOS figures, besides ``generate.prompts``."""
     max_new_tokens: Annotated[int, Range(ge=1)] = 48
     """Tokens generated per prompt for the repetition and EOS figures."""
 

@@ -20,7 +20,7 @@ import yaml
 
 from engine.pipeline.config import PipelineConfig
 from engine.pipeline.runner import Stage, StageFailed
-from engine.pipeline.stages import Layout, read_metrics
+from engine.pipeline.stages import Layout, eval_results, gguf_path, read_jsonl, read_metrics
 
 TRAIN_STAGES = ("pretrain", "sft", "orpo")
 
@@ -136,6 +136,59 @@ def _read_yaml(path: Path) -> Dict[str, Any]:
         return {}
 
 
+def gguf_summary(path: Path) -> Optional[Dict[str, Any]]:
+    """What gguf's own reader sees in the written file: tensor count, size, key metadata."""
+    if not path.is_file():
+        return None
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    meta = {}
+    for key in ("general.architecture", "llama.context_length", "llama.block_count", "tokenizer.ggml.model"):
+        f = reader.fields.get(key)
+        if f is not None:
+            meta[key] = f.contents()
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    return {
+        "file": str(path),
+        "tensors": len(reader.tensors),
+        "mib": path.stat().st_size / 2**20,
+        "vocab": len(tokens.data) if tokens is not None else None,
+        "metadata": meta,
+    }
+
+
+def generations(lay: Layout) -> List[Dict[str, Any]]:
+    """The sample answers, prompt by prompt: SFT (before ORPO) then ORPO."""
+    out = []
+    for name in ("sft", "orpo"):
+        for rec in read_jsonl(lay.generations / f"{name}.jsonl"):
+            out.append(
+                {"model": name, "prompt": rec["prompt"], "text": rec["text"], "finished_by": rec.get("finished_by")}
+            )
+    return sorted(out, key=lambda r: r["prompt"])
+
+
+def evaluation(lay: Layout) -> Optional[Dict[str, Any]]:
+    """Perplexity per dataset and stage, its change against pretraining (forgetting) and the
+    generation metrics, from the eval command's JSON results."""
+    results = eval_results(lay)
+    if not results:
+        return None
+    perplexity: Dict[str, Dict[str, float]] = {}
+    for stage, res in results.items():
+        for p in res.get("perplexity", []):
+            perplexity.setdefault(p["name"], {})[stage] = p["perplexity"]
+    base = "pretrain"
+    forgetting = {
+        ds: {s: (v - by[base]) / by[base] for s, v in by.items() if s != base}
+        for ds, by in perplexity.items()
+        if base in by and by[base]
+    }
+    gen = {stage: res.get("generation") for stage, res in results.items() if res.get("generation")}
+    return {"perplexity": perplexity, "change_vs_pretrain": forgetting, "generation": gen}
+
+
 def collect(
     cfg: PipelineConfig,
     lay: Layout,
@@ -147,15 +200,15 @@ def collect(
     """Everything the report shows, as plain data (``report.json``)."""
     export = _read_json(lay.hf / "engine_export.json")
     return {
+        "gguf": gguf_summary(gguf_path(cfg, lay)),
+        "generations": generations(lay),
+        "evaluation": evaluation(lay),
         "config": {"run": vars(cfg.run)},
         "failed": None if failed is None else {"stage": failed.stage, "error": str(failed), "log": str(failed.log)},
         "seconds": elapsed,
         "stages": {s.name: {"title": s.title, **results.get(s.name, {"status": "not run"})} for s in stages},
         "training": training_data(lay),
         "export": export,
-        "gguf": _read_json(lay.gguf / "summary.json"),
-        "generations": _read_json(lay.generations / "generations.json"),
-        "evaluation": _read_json(lay.evaluation / "summary.json"),
         "stage_configs": {name: _read_yaml(lay.configs / f"{name}.yaml") for name in TRAIN_STAGES},
     }
 
@@ -216,18 +269,74 @@ def _markdown(data: Dict[str, Any], plots: Dict[str, Path], lay: Layout) -> List
         )
         if "replay_share" in plots:
             blocks.append(("img", "replay_share"))
-    if data["export"]:
-        blocks += [("h2", "Hugging Face export"), ("pre", json.dumps(data["export"], indent=1, ensure_ascii=False))]
-    if data["evaluation"]:
-        ev = data["evaluation"]
+    exp = data["export"]
+    if exp:
+        parity = exp.get("parity") or {}
+        blocks.append(("h2", "Hugging Face export"))
+        blocks.append(
+            (
+                "p",
+                f"`{lay.hf}`: {exp.get('architecture')} with {exp.get('parameters'):,} parameters at {exp.get('dtype')}, "
+                f"from `{exp.get('source', {}).get('checkpoint')}`. Logit parity against the engine "
+                f"({parity.get('compute')}, {parity.get('prompt_tokens')} tokens): max |difference| "
+                f"{parity.get('max_abs_logit_diff'):.2e} (bound {parity.get('tolerance')}).",
+            )
+        )
+    if data["gguf"]:
+        g = data["gguf"]
+        blocks.append(("h2", "GGUF"))
+        blocks.append(
+            (
+                "p",
+                f"`{g['file']}`: {g['tensors']} tensors, {g['mib']:.1f} MiB, vocabulary {g['vocab']} (read back with gguf's reader).",
+            )
+        )
+    ev = data["evaluation"]
+    if ev:
+        stages = [s for s in TRAIN_STAGES if any(s in by for by in ev["perplexity"].values())]
         blocks.append(("h2", "Evaluation"))
-        for table in ev.get("tables", []):
-            blocks.append(("p", table.get("title", "")))
-            blocks.append(("table", table["rows"]))
+        blocks.append(("p", "Perplexity on the held-out part of each dataset, per stage's checkpoint:"))
+        rows = [["dataset", *stages]]
+        rows += [[ds, *(f"{by[s]:.2f}" if s in by else "" for s in stages)] for ds, by in ev["perplexity"].items()]
+        blocks.append(("table", rows))
+        if ev["change_vs_pretrain"]:
+            blocks.append(
+                ("p", "Change of perplexity against the pretrained checkpoint (forgetting when > 0 on the corpus):")
+            )
+            later = [s for s in stages if s != "pretrain"]
+            rows = [["dataset", *later]]
+            rows += [
+                [ds, *(f"{100 * ch[s]:+.1f}%" if s in ch else "" for s in later)]
+                for ds, ch in ev["change_vs_pretrain"].items()
+            ]
+            blocks.append(("table", rows))
+        if ev["generation"]:
+            blocks.append(("p", "Greedy answers to the evaluation prompts:"))
+            orders = sorted(k for k in next(iter(ev["generation"].values())) if k.startswith("repetition_"))
+            rows = [
+                [
+                    "checkpoint",
+                    "answers",
+                    *(o.replace("repetition_", "") + " repetition" for o in orders),
+                    "EOS rate",
+                    "mean length",
+                ]
+            ]
+            for stage, g in ev["generation"].items():
+                rows.append(
+                    [
+                        stage,
+                        g.get("generations", ""),
+                        *(f"{100 * g[o]:.1f}%" if g.get(o) is not None else "n/a" for o in orders),
+                        f"{100 * g['eos_rate']:.0f}%" if g.get("eos_rate") is not None else "n/a",
+                        f"{g['mean_length']:.1f}" if g.get("mean_length") is not None else "n/a",
+                    ]
+                )
+            blocks.append(("table", rows))
     if data["generations"]:
-        blocks.append(("h2", "Sample generations (chat template)"))
-        for g in data["generations"].get("samples", []):
-            blocks.append(("p", f"**{g['model']}**, prompt: {g['prompt']}"))
+        blocks.append(("h2", "Sample generations with the chat template: before (SFT) and after ORPO"))
+        for g in data["generations"]:
+            blocks.append(("p", f"**{g['model']}** ({g['finished_by']}), prompt: {g['prompt']}"))
             blocks.append(("pre", g["text"]))
     blocks.append(("h2", "Commands to rerun each stage (from the repository root)"))
     for name, st in data["stages"].items():

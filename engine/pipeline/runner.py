@@ -179,8 +179,12 @@ class Runner:
         self.logs.mkdir(parents=True, exist_ok=True)
         log.write_text("")
         start = time.monotonic()
-        for argv in stage.commands:
-            self._run_command(stage, argv, log)
+        progress = StageProgress(stage.name, log, stage.metrics, stage.steps, stream=self.stream)
+        try:
+            for argv in stage.commands:
+                self._run_command(stage, argv, log, progress)
+        finally:
+            progress.close()
         missing = [str(p) for p in stage.outputs if not Path(p).exists()]
         if missing:
             raise StageFailed(stage.name, f"finished without writing {', '.join(missing)}", log)
@@ -195,12 +199,11 @@ class Runner:
         self.results[stage.name] = record
         return record
 
-    def _run_command(self, stage: Stage, argv: List[str], log: Path) -> None:
+    def _run_command(self, stage: Stage, argv: List[str], log: Path, progress: StageProgress) -> None:
         """Run one command with its output appended to ``log``, polling the progress meanwhile."""
         with open(log, "a", encoding="utf-8") as f:
             f.write(f"$ {command_line(argv)}\n")
             f.flush()
-            progress = StageProgress(stage.name, log, stage.metrics, stage.steps, stream=self.stream)
             proc = subprocess.Popen(argv, cwd=REPO, env=_child_env(), stdout=f, stderr=subprocess.STDOUT)
             try:
                 while proc.poll() is None:
@@ -214,7 +217,5 @@ class Runner:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                 raise
-            finally:
-                progress.close()
         if proc.returncode != 0:
             raise StageFailed(stage.name, f"exit {proc.returncode}: {_error_line(log)}", log)

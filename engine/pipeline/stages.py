@@ -314,6 +314,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
     final = previous
     assert final is not None
 
+    hf_source = final
     if available("engine.export.hf"):
         stages.append(
             Stage(
@@ -326,20 +327,128 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                 summarize=lambda: _export_summary(lay),
             )
         )
+        hf_source = lay.hf
     if available("engine.export.gguf"):
-        gguf_file = lay.gguf / f"model-{cfg.export.gguf_type}.gguf"
+        gguf_file = gguf_path(cfg, lay)
         stages.append(
             Stage(
                 "gguf",
-                f"write a {cfg.export.gguf_type} GGUF file and an Ollama Modelfile",
-                [engine_cmd("export", "gguf", rel(final), rel(gguf_file), "--type", cfg.export.gguf_type)],
-                inputs=[final],
+                f"write a {cfg.export.gguf_type} GGUF file (and an Ollama Modelfile) from the export",
+                [engine_cmd("export", "gguf", rel(hf_source), rel(gguf_file), "--type", cfg.export.gguf_type)],
+                inputs=[hf_source],
                 outputs=[lay.gguf],
-                estimate_s=2 * STARTUP_S["command"],
+                estimate_s=STARTUP_S["command"],
                 summarize=lambda: _gguf_summary(gguf_file),
             )
         )
+    ckpts = {name: lay.checkpoint(name, cfg.scaled_steps(getattr(cfg, name))) for name in ("pretrain", "sft", "orpo")}
+    if available("engine.commands.generate"):
+        prompts = lay.generations / "prompts.jsonl"
+        gen_args = ["--prompts", rel(prompts), "--max-new-tokens", str(cfg.generate.max_new_tokens), "--quiet"]
+        if cfg.generate.greedy:
+            gen_args.append("--greedy")
+        stages.append(
+            Stage(
+                "generate",
+                f"answer {len(cfg.generate.prompts)} prompt(s) with the chat template before (SFT) and after ORPO",
+                [
+                    engine_cmd(
+                        "generate", rel(ckpts[name]), *gen_args, "--output", rel(lay.generations / f"{name}.jsonl")
+                    )
+                    for name in ("sft", "orpo")
+                ],
+                inputs=[ckpts["sft"], ckpts["orpo"]],
+                outputs=[lay.generations / "sft.jsonl", lay.generations / "orpo.jsonl"],
+                settings={"prompts": cfg.generate.prompts},
+                estimate_s=2 * STARTUP_S["command"] + 0.2 * len(cfg.generate.prompts) * cfg.generate.max_new_tokens,
+                prepare=_prompts_writer(prompts, cfg.generate.prompts),
+                summarize=lambda: _generate_summary(lay),
+            )
+        )
+    if available("engine.commands.eval"):
+        eval_prompts = lay.evaluation / "prompts.jsonl"
+        all_prompts = list(dict.fromkeys([*cfg.generate.prompts, *cfg.eval.prompts]))
+        datasets = [rel(lay.data / "pretrain"), rel(lay.data / "sft")]
+        stages.append(
+            Stage(
+                "eval",
+                "perplexity of every stage's checkpoint on the held-out corpus and chat data (forgetting), "
+                "repetition and EOS rate of greedy answers",
+                [
+                    engine_cmd(
+                        "eval",
+                        rel(ckpts[name]),
+                        "--data",
+                        *datasets,
+                        "--split",
+                        "valid",
+                        "--prompts",
+                        rel(eval_prompts),
+                        "--max-new-tokens",
+                        str(cfg.eval.max_new_tokens),
+                        "--out",
+                        rel(lay.evaluation / name),
+                    )
+                    for name in ("pretrain", "sft", "orpo")
+                ],
+                inputs=[*ckpts.values(), lay.data / "pretrain.bin", lay.data / "sft.bin"],
+                outputs=[lay.evaluation / name for name in ("pretrain", "sft", "orpo")],
+                settings={"prompts": all_prompts},
+                estimate_s=3 * (STARTUP_S["command"] + 0.2 * len(all_prompts) * cfg.eval.max_new_tokens),
+                prepare=_prompts_writer(eval_prompts, all_prompts),
+                summarize=lambda: _eval_summary(lay),
+            )
+        )
     return stages
+
+
+def gguf_path(cfg: PipelineConfig, lay: Layout) -> Path:
+    """The GGUF file the pipeline writes."""
+    return lay.gguf / f"model-{cfg.export.gguf_type}.gguf"
+
+
+def _prompts_writer(path: Path, prompts: List[str]):
+    def write() -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "".join(json.dumps({"prompt": p}, ensure_ascii=False) + "\n" for p in prompts), encoding="utf-8"
+        )
+
+    return write
+
+
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """Records of a JSONL file ([] when it is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def eval_results(lay: Layout) -> Dict[str, Dict[str, Any]]:
+    """Stage name -> the eval command's JSON result of its checkpoint."""
+    out = {}
+    for name in ("pretrain", "sft", "orpo"):
+        files = sorted((lay.evaluation / name).glob("eval_*.json"))
+        if files:
+            out[name] = json.loads(files[-1].read_text())
+    return out
+
+
+def _generate_summary(lay: Layout) -> str:
+    parts = []
+    for name in ("sft", "orpo"):
+        recs = read_jsonl(lay.generations / f"{name}.jsonl")
+        ends = sum(1 for r in recs if r.get("finished_by") not in (None, "length", "max_new_tokens"))
+        parts.append(f"{name}: {len(recs)} answers, {ends} ended by the model")
+    return ", ".join(parts)
+
+
+def _eval_summary(lay: Layout) -> str:
+    parts = []
+    for name, res in eval_results(lay).items():
+        ppl = "/".join(f"{p['perplexity']:.1f}" for p in res.get("perplexity", []))
+        parts.append(f"{name} ppl {ppl}")
+    return ", ".join(parts) + " (corpus/chat held-out)"
 
 
 def _writer(path: Path, values: Dict[str, Any]):
