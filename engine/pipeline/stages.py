@@ -480,8 +480,10 @@ def _data_summary(lay: Layout) -> str:
 def _export_summary(lay: Layout) -> str:
     meta = json.loads((lay.hf / "engine_export.json").read_text())
     parity = meta.get("parity") or {}
-    err = parity.get("max_abs_logit_diff") if isinstance(parity, dict) else parity
-    return f"{meta.get('parameters', '?')} parameters, parity max |logit diff| {err}"
+    return (
+        f"{meta.get('parameters', 0):,} parameters at {meta.get('dtype')}, "
+        f"parity max |logit diff| {parity.get('max_abs_logit_diff', float('nan')):.2e} (bound {parity.get('tolerance')})"
+    )
 
 
 def _gguf_summary(path: Path) -> str:
