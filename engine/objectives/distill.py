@@ -128,10 +128,13 @@ def _masked_sum(loss_mask: torch.Tensor, output) -> torch.Tensor:
         tp = ps.get_tensor_model_parallel_world_size()
         loss_mask = torch.tensor_split(loss_mask, tp, dim=1)[ps.get_tensor_model_parallel_rank()]
     total = torch.sum(losses.reshape(-1).float() * loss_mask.reshape(-1).float())
-    if tp_reduce or sequence_parallel:
-        # In place: the forward value becomes the group's sum; each rank's gradient flows
-        # through its own part (modelopt's KL all-reduces its softmax denominators itself).
-        dist.all_reduce(total, group=ps.get_tensor_model_parallel_group())
+    if (tp_reduce or sequence_parallel) and ps.get_tensor_model_parallel_world_size() > 1:
+        # The value becomes the group's sum, each rank's gradient flows through its own part
+        # (as Megatron-LM's in-place all-reduce does; modelopt's KL all-reduces its softmax
+        # denominators with autograd itself). Out of place: c10d ops have no autograd kernel.
+        reduced = total.detach().clone()
+        dist.all_reduce(reduced, group=ps.get_tensor_model_parallel_group())
+        total = total + (reduced - total.detach())
     return total
 
 
