@@ -79,7 +79,11 @@ def _distil_one_batch(teacher_dir, student_weights, *overrides):
     with torch.no_grad():
         args = (batch["tokens"], batch["position_ids"], None)
         expected = _oracle(
-            student(*args), teacher(*args), batch["labels"], batch["loss_mask"], cfg.objective.distill.logit_kl_temperature
+            student(*args),
+            teacher(*args),
+            batch["labels"],
+            batch["loss_mask"],
+            cfg.objective.distill.logit_kl_temperature,
         )
     (model,) = objective.wrap_model([student])
     model.train()
@@ -188,7 +192,10 @@ def test_bad_teachers_are_one_line_config_errors(megatron_single_rank, trained_c
         assert "\n" not in str(err.value)
 
     # A layer name the model does not have: refused on every rank, in one line.
-    cfg = _cfg(teacher_dir, "objective.distill.intermediate_layer_pairs=[{student: decoder.nowhere, teacher: decoder.final_layernorm}]")
+    cfg = _cfg(
+        teacher_dir,
+        "objective.distill.intermediate_layer_pairs=[{student: decoder.nowhere, teacher: decoder.final_layernorm}]",
+    )
     from models.build import build_gpt_chunks
 
     with pytest.raises(ConfigError, match="intermediate_layer_pairs: .*nowhere") as err:
