@@ -112,7 +112,11 @@ def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, s
     if script == "moe_ep_b200.sh":
         assert cfg["model"]["moe_token_dispatcher"] == "alltoall" and cfg["model"]["moe_aux_loss_coeff"] == 0.01
     if script == "distill_b200.sh":  # a 14-layer, hidden-2048 student of the 3B teacher's family
-        assert (cfg["model"]["num_layers"], cfg["model"]["hidden_size"], cfg["model"]["vocab_size"]) == (14, 2048, 64256)
+        assert (cfg["model"]["num_layers"], cfg["model"]["hidden_size"], cfg["model"]["vocab_size"]) == (
+            14,
+            2048,
+            64256,
+        )
         assert cfg["objective"]["distill"]["teacher"] == "runs/pretrain_3b_b200"
         assert cfg["objective"]["distill"]["skip_lm_loss"] is True
 
