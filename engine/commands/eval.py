@@ -23,7 +23,9 @@ def register(subparsers) -> None:
     p.add_argument("checkpoint", nargs="?", help="checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="evaluate A and B and report B's change against A")
     p.add_argument("--sweep", metavar="RUN_DIR", help="evaluate every complete checkpoint of a run")
-    p.add_argument("--data", nargs="+", metavar="PREFIX", help="indexed datasets (default: the checkpoint's data.paths)")
+    p.add_argument(
+        "--data", nargs="+", metavar="PREFIX", help="indexed datasets (default: the checkpoint's data.paths)"
+    )
     p.add_argument(
         "--split",
         choices=["valid", "test", "all"],

@@ -21,10 +21,11 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Merge and report the written checkpoint."""
-    from engine.evaluation.merge import merge_checkpoints
+    from engine.evaluation.merge import check_merge, merge_checkpoints
     from parallel.setup import shutdown
 
     logging.basicConfig(level=logging.WARNING)
+    check_merge(args.a, args.b, args.out, args.method, args.t)  # bad input: before any model is built
     try:
         path = merge_checkpoints(args.a, args.b, args.out, args.method, args.t)
     finally:

@@ -213,9 +213,9 @@ def sweep_run(run_dir: str | Path, opts: EvalOptions) -> Dict[str, Any]:
     from engine import checkpoint as ckpt_lib
     from engine.model_io import checkpoint_config
 
-    ckpts: Sequence[Path] = ckpt_lib.list_checkpoints(str(run_dir))
     if not Path(run_dir).is_dir():
         raise ConfigError(f"{run_dir}: no such run directory")
+    ckpts: Sequence[Path] = ckpt_lib.list_checkpoints(str(run_dir))
     if not ckpts:
         raise ConfigError(f"{run_dir}: no complete checkpoint under checkpoints/ to sweep")
     opts = resolve_options(checkpoint_config(ckpts[-1]), opts)

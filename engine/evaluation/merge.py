@@ -66,15 +66,12 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, t: float, method: str) -> torc
     raise ConfigError(f"merge method '{method}' must be one of {', '.join(METHODS)}")
 
 
-def merge_checkpoints(a: str, b: str, out: str, method: str, t: float) -> Path:
-    """Interpolate checkpoints (or runs' newest checkpoints) ``a`` and ``b`` into a weights-only
-    checkpoint of the run directory ``out``; returns it. Its config is ``a``'s; its lineage is
-    ``a``'s history followed by one entry naming both parents, the method and ``t``.
-
-    Refused (ConfigError) when the two are of different architectures (``config_hash``), when
-    ``t`` is outside [0, 1] or the method unknown. Memory: two copies of the model's weights."""
+def check_merge(a: str, b: str, out: str, method: str, t: float) -> Tuple[Path, Path]:
+    """The two checkpoints ``a`` and ``b`` name, once checked mergeable into the run directory
+    ``out``: same architecture (``config_hash``), ``t`` in [0, 1], a known method, ``out``
+    without checkpoints. ConfigError (one line) otherwise. Reads configs only."""
     from engine import checkpoint as ckpt_lib
-    from engine.model_io import checkpoint_config, config_hash, load_model, resolve_checkpoint, save_model_checkpoint
+    from engine.model_io import checkpoint_config, config_hash, resolve_checkpoint
 
     if method not in METHODS:
         raise ConfigError(f"merge method '{method}' must be one of {', '.join(METHODS)}")
@@ -83,14 +80,27 @@ def merge_checkpoints(a: str, b: str, out: str, method: str, t: float) -> Path:
     ckpt_a, ckpt_b = resolve_checkpoint(a), resolve_checkpoint(b)
     if ckpt_lib.list_checkpoints(out):
         raise ConfigError(f"{out} already holds checkpoints; merge into a new run directory")
-    cfg_a, cfg_b = checkpoint_config(ckpt_a), checkpoint_config(ckpt_b)
-    if config_hash(cfg_a) != config_hash(cfg_b):
+    hash_a, hash_b = config_hash(checkpoint_config(ckpt_a)), config_hash(checkpoint_config(ckpt_b))
+    if hash_a != hash_b:
         raise ConfigError(
             f"{ckpt_a} and {ckpt_b} are different architectures (model config hash "
-            f"{config_hash(cfg_a)} vs {config_hash(cfg_b)}); only checkpoints of the same model can be merged"
+            f"{hash_a} vs {hash_b}); only checkpoints of the same model can be merged"
         )
+    return ckpt_a, ckpt_b
+
+
+def merge_checkpoints(a: str, b: str, out: str, method: str, t: float) -> Path:
+    """Interpolate checkpoints (or runs' newest checkpoints) ``a`` and ``b`` into a weights-only
+    checkpoint of the run directory ``out``; returns it. Its config is ``a``'s; its lineage is
+    ``a``'s history followed by one entry naming both parents, the method and ``t``.
+
+    Refused as :func:`check_merge` refuses. Memory: two copies of the model's weights."""
+    from engine import checkpoint as ckpt_lib
+    from engine.model_io import checkpoint_config, load_model, save_model_checkpoint
     from models.build import resolve_dtype
 
+    ckpt_a, ckpt_b = check_merge(a, b, out, method, t)
+    cfg_a = checkpoint_config(ckpt_a)
     # The parameters keep the dtype the run trained them in (the interpolation is float64).
     loaded = load_model(ckpt_a, resolve_dtype(cfg_a.precision.dtype))
     params_a = {name: p.detach().clone() for name, p in loaded.model.named_parameters()}

@@ -169,7 +169,9 @@ def dataset_windows(
             if max_tokens is not None and scored >= max_tokens:
                 break
     else:
-        raise ConfigError(f"dataset '{prefix}' has kind '{kind}' (sidecar); perplexity reads pretrain, sft or preference")
+        raise ConfigError(
+            f"dataset '{prefix}' has kind '{kind}' (sidecar); perplexity reads pretrain, sft or preference"
+        )
     if not windows:
         raise ConfigError(
             f"the {split} split of '{prefix}' (data.split={split_spec!r}) holds no token to score; "

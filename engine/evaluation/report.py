@@ -72,9 +72,7 @@ def compare_markdown(comparison: Dict[str, Any]) -> str:
 
 def sweep_rows(sweep: Dict[str, Any]) -> List[List[str]]:
     """One row per checkpoint: iteration, then each dataset's perplexity."""
-    return [
-        [str(r["iteration"]), *(_fmt(p["perplexity"]) for p in r["perplexity"])] for r in sweep["checkpoints"]
-    ]
+    return [[str(r["iteration"]), *(_fmt(p["perplexity"]) for p in r["perplexity"])] for r in sweep["checkpoints"]]
 
 
 def sweep_markdown(sweep: Dict[str, Any]) -> str:
