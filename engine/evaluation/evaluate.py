@@ -23,10 +23,6 @@ from engine.config import ConfigError
 from engine.evaluation.generation_metrics import Generation, generated_tokens, generation_stats
 from engine.evaluation.perplexity import SPLITS, gpt_logits_fn, perplexity
 
-# Chat-template end-of-turn markers that stop a generation when the tokenizer has them as one piece.
-END_OF_TURN_PIECES = ("<|im_end|>",)
-
-
 @dataclass
 class EvalOptions:
     """What to evaluate a checkpoint on."""
@@ -103,31 +99,15 @@ def read_prompts(path: str) -> List[str]:
     return prompts
 
 
-def run_generations(loaded, opts: EvalOptions) -> Dict[str, Any]:
-    """Greedy generations of ``opts.prompts`` (engine.inference) and their metrics."""
-    from engine.data.chat_template import get_chat_template
-    from engine.data.tokenizer import load_tokenizer
+def run_generations(generator, prompts: List[str], opts: EvalOptions) -> Dict[str, Any]:
+    """Greedy generations of ``prompts`` by ``generator`` (an ``engine.inference.Generator``:
+    the checkpoint with its tokenizer, chat template and stop tokens) and their metrics."""
+    from engine.inference import GenerationOptions
 
-    assert opts.prompts is not None
-    prompts = read_prompts(opts.prompts)
-    if loaded.cfg.data.tokenizer is None:
-        raise ConfigError(f"{loaded.checkpoint}: the checkpoint's config has no data.tokenizer to encode prompts with")
-    try:
-        from engine.inference import GenerationOptions, generate
-    except ImportError as exc:  # the generation package lands separately
-        raise ConfigError(f"--prompts needs engine.inference, which is not available here ({exc})") from None
-    tok = load_tokenizer(loaded.cfg.data.tokenizer)
-    template = get_chat_template(loaded.cfg.data.chat_template)
-    encoded = []
-    for text in prompts:
-        if opts.chat_template:
-            pieces = template.encode(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
-            encoded.append([i for ids, _, _ in pieces for i in ids])
-        else:
-            encoded.append(tok.encode(text))
-    stop_ids = [tok.eod] + [i for i in map(tok.token_to_id, END_OF_TURN_PIECES) if i is not None]
-    options = GenerationOptions(greedy=True, max_new_tokens=opts.max_new_tokens, stop_ids=stop_ids)
-    results = generate(loaded.chunks, tok, encoded, options)
+    results = generator.generate(
+        prompts, GenerationOptions(greedy=True, max_new_tokens=opts.max_new_tokens), chat=opts.chat_template
+    )
+    stop_ids = [generator.stops.eos, *generator.stops.end_of_turn]
     gens = [Generation(generated_tokens(r.tokens, r.finished_by, stop_ids), r.finished_by, r.text) for r in results]
     return {
         "stats": generation_stats(gens),
@@ -138,16 +118,32 @@ def run_generations(loaded, opts: EvalOptions) -> Dict[str, Any]:
     }
 
 
+def _load(ckpt: Path, with_generation: bool):
+    """(LoadedModel, Generator or None): the model once, with its tokenizer, chat template
+    and stop tokens when generations are asked for."""
+    import torch
+
+    from engine.model_io import load_model
+
+    if not with_generation:
+        return load_model(ckpt, torch.float32), None
+    try:
+        from engine.inference import load_generator
+    except ImportError as exc:  # the generation package lands separately
+        raise ConfigError(f"--prompts needs engine.inference, which is not available here ({exc})") from None
+    generator = load_generator(ckpt, dtype=torch.float32)
+    return generator.loaded, generator
+
+
 def evaluate_checkpoint(path: str | Path, opts: EvalOptions) -> Dict[str, Any]:
     """Perplexity of the checkpoint at ``path`` on each dataset (and generation metrics with
     ``opts.prompts``); see the module docstring for the result."""
-    import torch
-
-    from engine.model_io import checkpoint_config, config_hash, load_model, resolve_checkpoint
+    from engine.model_io import checkpoint_config, config_hash, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     opts = resolve_options(checkpoint_config(ckpt), opts)
-    loaded = load_model(ckpt, torch.float32)
+    prompts = read_prompts(opts.prompts) if opts.prompts else []  # a bad file fails before loading
+    loaded, generator = _load(ckpt, bool(prompts))
     try:
         logits = gpt_logits_fn(loaded.model)
         assert opts.datasets is not None and opts.split is not None and opts.split_spec is not None
@@ -165,7 +161,7 @@ def evaluate_checkpoint(path: str | Path, opts: EvalOptions) -> Dict[str, Any]:
             ).to_dict()
             for prefix in opts.datasets
         ]
-        gen = run_generations(loaded, opts) if opts.prompts else None
+        gen = run_generations(generator, prompts, opts) if generator is not None else None
         return {
             "checkpoint": str(ckpt),
             "iteration": loaded.iteration,
@@ -176,7 +172,7 @@ def evaluate_checkpoint(path: str | Path, opts: EvalOptions) -> Dict[str, Any]:
         }
     finally:
         # Sweeps and comparisons load one model after the other: free this one first.
-        del loaded
+        del loaded, generator
         gc.collect()
 
 

@@ -50,15 +50,15 @@ class Generation:
     """Generated token ids (without the prompt; a final stop token is removed by
     :func:`generated_tokens`)."""
     finished_by: str
-    """``eos``, ``end_of_turn`` or ``length``."""
+    """``eos``, ``end_of_turn``, ``stop`` (another stop id) or ``length`` (engine.inference)."""
     text: str = ""
     """Decoded text (reported, not scored)."""
 
 
-def generated_tokens(tokens: Sequence[int], finished_by: str, stop_ids: Sequence[int]) -> List[int]:
+def generated_tokens(tokens: Sequence[int], finished_by: str, stop_ids: Sequence[Optional[int]]) -> List[int]:
     """``tokens`` without the stop token that ended them (when they ended by one)."""
     out = list(tokens)
-    if finished_by in STOPPED and out and out[-1] in stop_ids:
+    if finished_by != "length" and out and out[-1] in stop_ids:
         out.pop()
     return out
 
