@@ -23,6 +23,7 @@ from engine.config import ConfigError
 from engine.evaluation.generation_metrics import Generation, generated_tokens, generation_stats
 from engine.evaluation.perplexity import SPLITS, gpt_logits_fn, perplexity
 
+
 @dataclass
 class EvalOptions:
     """What to evaluate a checkpoint on."""

@@ -96,3 +96,38 @@ def test_bad_eval_input_is_one_line(two_checkpoints, tmp_path):
         evaluate_checkpoint(tmp_path / "nothing", EvalOptions())
     with pytest.raises(ConfigError, match="holds out nothing"):
         evaluate_checkpoint(ckpt, EvalOptions(split_spec="100,0,0"))
+
+
+def test_generation_metrics_of_greedy_answers_match_transformers(two_checkpoints, tmp_path):
+    """`eval --prompts`: each prompt a user turn of the chat template, greedy; the metrics equal
+    those of transformers' own greedy `generate` on the converted model."""
+    pytest.importorskip("engine.inference")
+    from engine.data.chat_template import get_chat_template
+    from engine.data.tokenizer import load_tokenizer
+    from engine.evaluation.generation_metrics import Generation, generation_stats
+    from engine.model_io import checkpoint_config
+
+    _, _, ckpt = two_checkpoints  # the perturbed weights: varied answers, not 3 steps' newlines
+    prompts = ["대한민국은", "국회의원의 임기는", "모든 국민은"]
+    (tmp_path / "prompts.jsonl").write_text("".join(f'{{"prompt": "{p}"}}\n' for p in prompts), encoding="utf-8")
+    result = evaluate_checkpoint(
+        ckpt, EvalOptions(prompts=str(tmp_path / "prompts.jsonl"), max_new_tokens=12, max_tokens=64)
+    )
+
+    cfg = checkpoint_config(ckpt)
+    tok = load_tokenizer(cfg.data.tokenizer)
+    template = get_chat_template(cfg.data.chat_template)
+    stops = [tok.eod, tok.token_to_id("<|im_end|>")]
+    hf = _hf_float64(ckpt)
+    expected = []
+    for p in prompts:
+        ids = [i for piece, _, _ in template.encode(tok, [{"role": "user", "content": p}], True) for i in piece]
+        out = hf.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=stops, pad_token_id=tok.eod
+        )
+        new = out[0, len(ids) :].tolist()
+        stopped = bool(new) and new[-1] in stops
+        expected.append(Generation(new[:-1] if stopped else new, "eos" if stopped else "length"))
+    assert len({tuple(g.tokens) for g in expected}) > 1  # the prompts matter
+    assert result["generation"] == pytest.approx(generation_stats(expected))
+    assert [s["prompt"] for s in result["samples"]] == prompts
