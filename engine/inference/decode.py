@@ -50,14 +50,17 @@ class StopTokens:
     """Which ids end a generation, and what each is called in ``finished_by``."""
 
     eos: Optional[int]
-    end_of_turn: Optional[int] = None
+    """The tokenizer's EOS id (``finished_by="eos"``)."""
+    end_of_turn: Sequence[int] = ()
+    """The chat template's end-of-turn ids, e.g. ChatML's ``<|im_end|>`` (``end_of_turn``)."""
     extra: Sequence[int] = ()
+    """Further stop ids (``stop``)."""
 
     def reason(self, token: int) -> Optional[FinishReason]:
         """Why ``token`` ends the generation, or None when it does not."""
         if token == self.eos:
             return "eos"
-        if token == self.end_of_turn:
+        if token in self.end_of_turn:
             return "end_of_turn"
         if token in self.extra:
             return "stop"

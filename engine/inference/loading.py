@@ -27,8 +27,6 @@ if TYPE_CHECKING:
     from engine.data.tokenizer import Tokenizer
     from engine.model_io import LoadedModel
 
-_SENTINEL = "\u2063SENTINEL\u2063"
-
 
 def generation_layout(saved: ParallelConfig, world_size: int) -> Optional[ParallelConfig]:
     """The layout to generate at on ``world_size`` processes: None (TP=PP=1) on one process,
@@ -54,35 +52,17 @@ def generation_layout(saved: ParallelConfig, world_size: int) -> Optional[Parall
     )
 
 
-def end_of_turn_id(template, tokenizer) -> Optional[int]:
-    """The token that closes an assistant turn in ``template`` (chatml: ``<|im_end|>``), or
-    None when the turn ends with EOS itself (alpaca) or the marker is not a single token."""
-    messages = [{"role": "user", "content": "u"}, {"role": "assistant", "content": _SENTINEL}]
-    after = template.render(messages).split(_SENTINEL, 1)[1].strip()
-    if not after:
-        return None
-    ids = tokenizer.encode(after.split()[0])
-    return int(ids[0]) if len(ids) == 1 else None
+def checkpoint_tokenizer(cfg: Config, override: Optional[str] = None) -> "Tokenizer":
+    """The tokenizer the run trained with (``data.tokenizer``), or ``override``, checked
+    against the model's vocabulary as the export checks it."""
+    from engine.export.hf import load_checkpoint_tokenizer
 
-
-def load_checkpoint_tokenizer(cfg: Config, override: Optional[str] = None):
-    """The tokenizer the run trained with (``data.tokenizer``), or ``override``; checked
-    against the model's vocabulary."""
-    from engine.data.tokenizer import TokenizerError, load_tokenizer
-
-    path = override or cfg.data.tokenizer
-    if not path:
+    if override:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=override))
+    tok = load_checkpoint_tokenizer(cfg)
+    if tok is None:
         raise ConfigError("the checkpoint's config names no tokenizer (data.tokenizer); pass --tokenizer DIR")
-    try:
-        tokenizer = load_tokenizer(path)
-    except TokenizerError as exc:
-        raise ConfigError(f"tokenizer: {exc}") from None
-    if tokenizer.trained_vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"tokenizer {path} has {tokenizer.trained_vocab_size} pieces but the model's vocabulary "
-            f"is {cfg.model.vocab_size}: not the tokenizer this model was trained with"
-        )
-    return tokenizer
+    return tok
 
 
 @dataclass
@@ -150,11 +130,12 @@ def load_generator(
     ``parallel`` default: one process (TP=PP=1), or under torchrun the checkpoint's TP x PP
     layout (``generation_layout``). ``tokenizer`` overrides the run's ``data.tokenizer``."""
     from engine.data.chat_template import ChatTemplateError, get_chat_template
+    from engine.export.hf import end_of_turn_ids
     from engine.model_io import checkpoint_config, load_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     saved = checkpoint_config(ckpt)
-    tok = load_checkpoint_tokenizer(saved, tokenizer)  # before the model: a missing tokenizer fails fast
+    tok = checkpoint_tokenizer(saved, tokenizer)  # before the model: a missing tokenizer fails fast
     try:
         template = get_chat_template(saved.data.chat_template)
     except ChatTemplateError as exc:
@@ -162,5 +143,6 @@ def load_generator(
     if parallel is None:
         parallel = generation_layout(saved.parallel, int(os.environ.get("WORLD_SIZE", "1")))
     loaded = load_model(ckpt, dtype=dtype, parallel=parallel)
-    stops = StopTokens(eos=tok.eod, end_of_turn=end_of_turn_id(template, tok))
+    # The same end-of-turn ids the export writes into generation_config.json.
+    stops = StopTokens(eos=tok.eod, end_of_turn=tuple(end_of_turn_ids(template, tok)))
     return Generator(loaded=loaded, tokenizer=tok, template=template, stops=stops)

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from engine.config import ConfigError
 from engine.inference import GenerationOptions, StopTokens, generate, load_generator
 from models import hf_convert as hc
 from tests.conftest import REPO
-from tests.models.conftest import _perturb, build_megatron  # noqa: F401  (fixture used here)
+from tests.models.conftest import _perturb
 
 PROMPTS = ["What does the first article say?", "Hello", "Name the rights of a citizen in three words."]
 
@@ -74,15 +73,21 @@ def _hf_greedy(hf, prompt, max_new, eos_ids, repetition_penalty=1.0):
     return out[0, len(prompt) :].tolist()
 
 
-def test_greedy_equals_transformers_generate(varied):
-    """Prompts of different lengths in one batch, chat template applied, EOS and end of turn
-    as stops; transformers generates each prompt alone on the converted weights."""
+def test_greedy_equals_transformers_generate_on_the_export(varied, tmp_path):
+    """Prompts of different lengths in one batch, chat template applied; transformers
+    generates each prompt alone from the ``export hf`` copy of the same checkpoint, stopping
+    at the EOS and end-of-turn ids the export wrote into generation_config.json."""
+    from transformers import AutoModelForCausalLM
+
+    from engine.export.hf import export_hf
+
+    export_hf(varied.loaded.checkpoint, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    stops = hf.generation_config.eos_token_id
+    assert sorted(stops) == sorted([varied.stops.eos, *varied.stops.end_of_turn])
     ids = [varied.encode(p) for p in PROMPTS]
     assert len({len(i) for i in ids}) == 3
-    opts = GenerationOptions(max_new_tokens=24, batch_size=3)
-    ours = varied.generate(PROMPTS, opts)
-    hf = _hf_model(varied.loaded.model, varied.cfg.model)
-    stops = [varied.stops.eos, varied.stops.end_of_turn]
+    ours = varied.generate(PROMPTS, GenerationOptions(max_new_tokens=24, batch_size=3))
     for prompt, result in zip(ids, ours):
         assert result.tokens == _hf_greedy(hf, prompt, 24, stops), result
     assert len({tuple(r.tokens) for r in ours}) == 3 and len(set(ours[0].tokens)) > 3  # varied output
@@ -104,7 +109,9 @@ def test_greedy_equals_transformers_other_architectures(build_megatron, override
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randint(1, cfg.model.vocab_size, (n,), generator=gen).tolist() for n in (9, 5)]
     tok = _StubTokenizer(cfg.model.vocab_size)
-    ours = generate([model], tok, prompts, GenerationOptions(max_new_tokens=12, batch_size=2), vocab_size=cfg.model.vocab_size)
+    ours = generate(
+        [model], tok, prompts, GenerationOptions(max_new_tokens=12, batch_size=2), vocab_size=cfg.model.vocab_size
+    )
     hf = _hf_model(model, cfg.model)
     for prompt, result in zip(prompts, ours):
         assert result.tokens == _hf_greedy(hf, prompt, 12, [tok.eod]), result
@@ -159,7 +166,9 @@ def _row_steps(seen, prompts, results, row):
 
 
 def test_seeded_sampling_reproducible(varied):
-    opts = GenerationOptions(greedy=False, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=12, seed=11, batch_size=3)
+    opts = GenerationOptions(
+        greedy=False, temperature=0.9, top_p=0.95, top_k=50, max_new_tokens=12, seed=11, batch_size=3
+    )
     a = varied.generate(PROMPTS, opts)
     b = varied.generate(PROMPTS[1:], GenerationOptions(**{**vars(opts), "seed": 12, "batch_size": 1}))
     assert [r.tokens for r in a[1:]] == [r.tokens for r in b]  # seed + index, whatever the batch
@@ -168,7 +177,7 @@ def test_seeded_sampling_reproducible(varied):
 
 
 def test_stops_at_eos_end_of_turn_and_stop_ids(varied):
-    assert varied.stops.end_of_turn == varied.tokenizer.token_to_id("<|im_end|>")
+    assert varied.stops.end_of_turn == (varied.tokenizer.token_to_id("<|im_end|>"),)
     chunks, tok = varied.loaded.chunks, varied.tokenizer
     ids = [varied.encode(PROMPTS[0])]
     free = generate(chunks, tok, ids, GenerationOptions(max_new_tokens=10))[0]
@@ -179,7 +188,7 @@ def test_stops_at_eos_end_of_turn_and_stop_ids(varied):
     stop = free.tokens[k]
     for stops, reason in (
         (StopTokens(eos=stop), "eos"),
-        (StopTokens(eos=tok.eod, end_of_turn=stop), "end_of_turn"),
+        (StopTokens(eos=tok.eod, end_of_turn=[stop]), "end_of_turn"),
         (StopTokens(eos=tok.eod, extra=[stop]), "stop"),
     ):
         r = generate(chunks, tok, ids, GenerationOptions(max_new_tokens=10), stops=stops)[0]
@@ -225,10 +234,15 @@ def test_tp2_and_pp2_same_tokens_as_one_process(varied, run_distributed, layout)
     """Loaded at TP=2 or PP=2 on two gloo ranks (dist_checkpointing reshards), the checkpoint
     generates exactly the tokens one process does: greedy, and sampled with the same seed."""
     ckpt = str(varied.loaded.checkpoint)
-    for options in ({"max_new_tokens": 12, "batch_size": 3}, {"greedy": False, "top_k": 100, "seed": 8, "max_new_tokens": 8}):
+    for options in (
+        {"max_new_tokens": 12, "batch_size": 3},
+        {"greedy": False, "top_k": 100, "seed": 8, "max_new_tokens": 8},
+    ):
         one = [r.tokens for r in varied.generate(PROMPTS, GenerationOptions(**options))]
         tensor, pipeline = layout
-        ranks = run_distributed(_generate_on_ranks, 2, ckpt, tensor, pipeline, options, tensor=tensor, pipeline=pipeline)
+        ranks = run_distributed(
+            _generate_on_ranks, 2, ckpt, tensor, pipeline, options, tensor=tensor, pipeline=pipeline
+        )
         assert ranks == [one, one]
 
 

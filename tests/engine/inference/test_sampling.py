@@ -61,12 +61,22 @@ def test_top_p_matches_transformers(p):
 
 def test_all_processors_in_transformers_order():
     """The model cards' settings: penalty, then temperature, top-k, top-p (generate's order)."""
-    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import (
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     logits, tokens = _logits_and_tokens()
     opts = GenerationOptions(greedy=False, temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2)
     hf = _hf(
-        [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9)],
+        [
+            RepetitionPenaltyLogitsProcessor(1.2),
+            TemperatureLogitsWarper(0.7),
+            TopKLogitsWarper(20),
+            TopPLogitsWarper(0.9),
+        ],
         tokens,
         logits,
     )
@@ -97,7 +107,8 @@ def test_sampling_is_seeded_per_row_and_stays_in_the_nucleus():
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}, {"stop_ids": [-3]}]
+    "kwargs",
+    [{"temperature": 0.0}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"max_new_tokens": 0}, {"stop_ids": [-3]}],
 )
 def test_bad_options_are_one_line_config_errors(kwargs):
     with pytest.raises(ConfigError) as err:
