@@ -59,6 +59,17 @@ def test_top_p_matches_transformers(p):
     assert torch.equal(apply_top_p(logits, p), _hf([TopPLogitsWarper(p)], tokens, logits))
 
 
+def test_top_p_boundary_is_inclusive_as_in_transformers():
+    """Probabilities 1/2, 1/4, 1/8, 1/8 and top_p 0.75: the two 1/8 tokens sum to exactly
+    1 - top_p and are both dropped (``cumulative <= 1 - top_p``), as transformers does."""
+    from transformers import TopPLogitsWarper
+
+    logits = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))
+    ours = apply_top_p(logits, 0.75)
+    assert torch.equal(ours, _hf([TopPLogitsWarper(0.75)], torch.zeros(1, 0, dtype=torch.long), logits))
+    assert torch.isinf(ours).tolist() == [[False, False, True, True]]
+
+
 def test_all_processors_in_transformers_order():
     """The model cards' settings: penalty, then temperature, top-k, top-p (generate's order)."""
     from transformers import (
