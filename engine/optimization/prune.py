@@ -234,6 +234,21 @@ def minitron_prune(
     return sorted(state["sorted_layers"][:keep]) if state.get("sorted_layers") else list(range(1, original + 1))
 
 
+def fresh_model(pruned, cfg: Config, dtype):
+    """A ``GPTModel`` built from ``cfg`` (the pruned config) on this process holding the
+    weights of ``pruned``, loaded strictly: a config that does not describe the weights fails
+    here. Being built afresh, it numbers the MoE routers after the kept layers (modelopt
+    renumbers only the layers, so a router would record its auxiliary loss under its old
+    layer) and carries no modelopt state."""
+    from engine.model_io import single_process_layout
+    from models.build import build_gpt_chunks
+
+    (model,) = build_gpt_chunks(single_process_layout(cfg), dtype).chunks
+    model.to(next(pruned.parameters()).device)
+    model.load_state_dict(pruned.state_dict(), strict=True)
+    return model
+
+
 def calibration_windows(prefix: str, count: int, seq_length: int):
     """The first ``count`` windows of ``seq_length`` tokens of the indexed dataset ``prefix``
     (its documents in order, end-of-document tokens included), as a ``[count, seq]`` tensor.
@@ -336,7 +351,7 @@ def prune_checkpoint(
     from engine import model_io
     from engine.process_guard import in_process_write_results
     from engine.run_config import validate_run
-    from models.build import build_gpt_chunks, resolve_dtype
+    from models.build import resolve_dtype
 
     if calib_samples < 1 or micro_batch < 1:
         raise ConfigError("--calib-samples and --micro-batch must be at least 1")
@@ -368,10 +383,7 @@ def prune_checkpoint(
         checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None, resume=False, load=None),
     )
     validate_run(new_cfg, world_size=new_cfg.parallel.model_parallel)
-    # A fresh model of the new config, loaded strictly: proves the config describes the
-    # weights, renumbers MoE routers after the kept layers and drops modelopt's state.
-    plain = build_gpt_chunks(model_io.single_process_layout(new_cfg), dtype).chunks
-    plain[0].load_state_dict(model.state_dict(), strict=True)
+    plain = [fresh_model(model, new_cfg, dtype)]
     params_after = parameter_count(plain[0])
     del model, loaded
     seconds["prune"] = time.perf_counter() - t
