@@ -106,7 +106,7 @@ def add_adapters(chunks: Sequence[torch.nn.Module], lora: LoraConfig) -> int:
     mtpeft = _peft()
     count = 0
     for i, chunk in enumerate(chunks):
-        configs = {id(m.config): m.config for m in chunk.modules() if hasattr(m, "config")}
+        configs: Dict[int, Any] = {id(m.config): m.config for m in chunk.modules() if hasattr(m, "config")}
         hetero = {k: getattr(c, "hetereogenous_dist_checkpoint", None) for k, c in configs.items()}
         mtpeft.update_model(chunk, peft_config(lora))
         # modelopt switches megatron's checkpoints to per-layer keys (for models whose layers
@@ -303,6 +303,7 @@ def merge_checkpoint(adapter_ckpt: str | Path, out_dir: str | Path, base: str | 
     from engine.config import FinetuneConfig
     from engine.model_io import checkpoint_config, resolve_checkpoint, save_model_checkpoint
     from engine.precision import resolve_fp8
+    from engine.process_guard import in_process_write_results
     from models.build import build_gpt_chunks, resolve_dtype
 
     ckpt = resolve_checkpoint(adapter_ckpt)
@@ -324,6 +325,7 @@ def merge_checkpoint(adapter_ckpt: str | Path, out_dir: str | Path, base: str | 
         dst.load_state_dict({k: v for k, v in src.state_dict().items() if is_base_key(k)})
     del chunks
     meta = ckpt_lib.read_meta(ckpt)
-    return save_model_checkpoint(
-        out, plain_cfg, plain, iteration=int(meta.get("iteration", 0)), lineage=ckpt_lib.read_lineage(ckpt)
-    )
+    with in_process_write_results():  # a synchronous save: no multiprocessing manager left behind
+        return save_model_checkpoint(
+            out, plain_cfg, plain, iteration=int(meta.get("iteration", 0)), lineage=ckpt_lib.read_lineage(ckpt)
+        )
