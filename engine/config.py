@@ -465,7 +465,8 @@ class LoraConfig:
     target_modules: List[LoraTarget] = field(
         default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     )
-    """Which linears of every transformer layer get adapters (also inside MoE experts)."""
+    """Which linears of every transformer layer get adapters (megatron-core's names: attention
+    QKV and output projections, MLP up/gate and down projections)."""
 
 
 @dataclass

@@ -116,7 +116,9 @@ def test_peft_config_enables_every_entry_and_modelopt_missing_is_one_line(monkey
     assert set(pc["adapter_cfg"]) == {"*.linear_qkv", "*.linear_fc2"}
     assert all(e == {"rank": 8, "scale": 0.5, "enable": True} for e in pc["adapter_cfg"].values())
     monkeypatch.setitem(sys.modules, "modelopt.torch.peft", None)  # as if the [opt] extra were absent
-    with pytest.raises(ConfigError, match=r"^finetune.lora and merge-lora need nvidia-modelopt: pip install -e .\[opt\]$"):
+    with pytest.raises(
+        ConfigError, match=r"^finetune.lora and merge-lora need nvidia-modelopt: pip install -e .\[opt\]$"
+    ):
         lora_lib.add_adapters([], LoraConfig())
 
 
@@ -217,7 +219,10 @@ def test_merged_checkpoint_equals_adapter_model(lora_run, tmp_path):
     plain = _logits(load_model(base).model, tokens)
     assert (plain - adapted).abs().max() > 1e-4  # the adapters trained: the check can fail
     lineage = ckpt_lib.read_meta(merged_ckpt)["lineage"]
-    assert [e["init_from"] for e in lineage] == [*[e["init_from"] for e in ckpt_lib.read_meta(ckpt)["lineage"]], str(ckpt)]
+    assert [e["init_from"] for e in lineage] == [
+        *[e["init_from"] for e in ckpt_lib.read_meta(ckpt)["lineage"]],
+        str(ckpt),
+    ]
 
     # An adapter checkpoint read as a normal one: one line saying to merge it.
     with pytest.raises(ConfigError, match=r"holds only LoRA adapters .* python -m engine merge-lora"):
@@ -236,7 +241,9 @@ def test_missing_or_other_base_is_refused_in_one_line(lora_run, tmp_path):
     name = next(iter(manifest["files"]))
     manifest["files"][name]["crc32"] ^= 1
     (other / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(lora_lib.LoraBaseError, match=r"is not the base the adapters in .* were trained on: its weights differ"):
+    with pytest.raises(
+        lora_lib.LoraBaseError, match=r"is not the base the adapters in .* were trained on: its weights differ"
+    ):
         lora_lib.check_base(ckpt, other)
     with pytest.raises(lora_lib.LoraBaseError, match=r"^the LoRA base checkpoint .*/gone of .* is missing$"):
         lora_lib.check_base(ckpt, tmp_path / "gone")
