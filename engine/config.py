@@ -375,6 +375,9 @@ class TrainingConfig:
     """Steps between validation runs; 0 disables validation."""
     eval_steps: Annotated[int, Range(ge=1)] = 2
     """Global batches per validation run."""
+    eval_at_start: bool = False
+    """Also validate before the first step of a fresh run (logged as step 0): the baseline a
+    fine-tuning stage's validation metrics are compared with (e.g. ORPO's held-out accuracy)."""
     recompute: Literal["none", "selective", "full"] = "none"
     """Activation recomputation: ``none``, ``selective`` (attention core) or ``full``."""
     exit_on_nonfinite: bool = True
@@ -721,6 +724,13 @@ def _apply(obj: Any, values: Dict[str, Any], where: str) -> None:
             _apply(getattr(obj, key), value, f"{where}{key}.")
         else:
             setattr(obj, key, _coerce(value, typ, f"{where}{key}"))
+
+
+def apply_mapping(obj: Any, values: Dict[str, Any], where: str = "") -> None:
+    """Set the fields of any config dataclass ``obj`` from a nested mapping, with the same key
+    and type checks as the run config (other config trees, e.g. the pipeline's, load through
+    it); ``where`` prefixes the key names in errors."""
+    _apply(obj, values, where)
 
 
 def parse_overrides(overrides: Sequence[str]) -> Dict[str, Any]:
