@@ -6,8 +6,9 @@ Trains a base checkpoint for one step (tiny-llama's architecture widened to ``--
 ``--layers``, mock data, fp32), then fine-tunes it twice from that checkpoint with the same
 objective, data and batch: all weights, and LoRA adapters (``finetune.lora``) on
 linear_qkv/proj/fc1/fc2. Prints the trainable parameters (read from the engine's log), the
-median step time (first step left out) and the peak memory of each run (on CPU: the process's
-resident-set high-water mark, which includes the ~0.5 GiB of the Python/torch runtime).
+median step time (first step left out; wall clock, so it moves with the machine's load), the CPU
+time of the whole process (start-up included, the same for both) and the peak memory of each
+run (on CPU: the resident-set high-water mark, including ~0.5 GiB of Python/torch runtime).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,8 +26,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train(run_dir: Path, overrides: list) -> str:
-    """``python -m engine train`` with ``overrides``; returns its stdout."""
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def train(run_dir: Path, overrides: list) -> tuple:
+    """``python -m engine train`` with ``overrides``; returns (stdout, CPU seconds it used)."""
+    cpu = _children_cpu()
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "run.yaml").write_text("{}\n")  # everything is in the overrides
     cmd = [sys.executable, "-m", "engine", "train", str(run_dir / "run.yaml"), *overrides, f"checkpoint.dir={run_dir}"]
@@ -33,10 +41,10 @@ def train(run_dir: Path, overrides: list) -> str:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return proc.stdout, _children_cpu() - cpu
 
 
-def summary(run_dir: Path, log: str) -> dict:
+def summary(run_dir: Path, log: str, cpu: float) -> dict:
     """Median step time (step 1 left out), peak memory and trainable parameters of a run."""
     rows = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["split"] == "train"][1:]
@@ -47,6 +55,7 @@ def summary(run_dir: Path, log: str) -> dict:
         "peak_gib": max(r["peak_mem_gib"] for r in rows),
         "trainable": int(found.group(1)) if found else None,
         "total": int(total.group(1)) if total else None,
+        "cpu_s": cpu,
     }
 
 
@@ -79,18 +88,15 @@ def main() -> None:
     train(base_dir, [*common, "training.steps=1"])
     base = base_dir / "checkpoints" / "iter_0000001"
     tune = [*common, f"training.steps={args.steps}", f"checkpoint.init_from={base}", "checkpoint.enabled=false"]
-    full_log = train(args.out / "full", tune)
-    lora_log = train(
-        args.out / "lora", [*tune, f"finetune.lora.rank={args.rank}", f"finetune.lora.alpha={2 * args.rank}"]
-    )
-    lora = summary(args.out / "lora", lora_log)
-    full = summary(args.out / "full", full_log)
+    full = summary(args.out / "full", *train(args.out / "full", tune))
+    lora_args = [f"finetune.lora.rank={args.rank}", f"finetune.lora.alpha={2 * args.rank}"]
+    lora = summary(args.out / "lora", *train(args.out / "lora", [*tune, *lora_args]))
     full["trainable"] = lora["total"] - (lora["trainable"] or 0) if lora["total"] else None
     print(f"model: hidden {h}, {args.layers} layers; {args.steps} steps of 8 x 128 tokens, fp32, CPU")
-    print("| run | trainable parameters | median step (s) | peak RSS (GiB) |")
-    print("|---|---|---|---|")
+    print("| run | trainable parameters | median step (s, wall) | CPU time of the run (s) | peak RSS (GiB) |")
+    print("|---|---|---|---|---|")
     for name, r in (("full fine-tuning", full), (f"LoRA rank {args.rank}", lora)):
-        print(f"| {name} | {r['trainable']:,} | {r['step_s']:.3f} | {r['peak_gib']:.2f} |")
+        print(f"| {name} | {r['trainable']:,} | {r['step_s']:.3f} | {r['cpu_s']:.1f} | {r['peak_gib']:.2f} |")
 
 
 if __name__ == "__main__":
