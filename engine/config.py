@@ -445,6 +445,11 @@ MOVED_KEYS = {
 }
 
 
+QuantFormat = Literal["fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+"""Quantization formats of ``python -m engine quantize`` and ``precision.qat`` (modelopt configs
+in ``engine/optimization/quantize.py``)."""
+
+
 @dataclass
 class PrecisionConfig:
     """Numeric formats of parameters, activations and gradient reductions."""
@@ -473,7 +478,7 @@ class PrecisionConfig:
     """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
     num_layers_at_end_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
-    qat: Optional[Literal["fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]] = None
+    qat: Optional[QuantFormat] = None
     """Quantization format of the model's nvidia-modelopt fake quantizers; None: not quantized.
     ``python -m engine quantize`` writes it into the checkpoints it makes; training with it
     set is quantization-aware training (QAT): ``checkpoint.init_from`` (or the resumed

@@ -37,8 +37,8 @@ from engine.data import gpt_data
 from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
-from engine.optimization import modelopt_state
 from engine.optim import build_optimizer, build_scheduler
+from engine.optimization import modelopt_state
 from engine.precision import resolve_fp8
 from engine.profiling import NvtxIterator, nvtx_range
 from engine.run_config import validate_run

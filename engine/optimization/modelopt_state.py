@@ -99,8 +99,7 @@ def restore(chunks: List[torch.nn.Module], ckpt: Path) -> List[torch.nn.Module]:
     require_modelopt()
     if len(chunks) != 1:
         raise ConfigError(
-            "a quantized model cannot be loaded with parallel.virtual_pipeline: modelopt keeps one "
-            "model chunk per rank"
+            "a quantized model cannot be loaded with parallel.virtual_pipeline: modelopt keeps one model chunk per rank"
         )
     from modelopt.torch.opt.plugins.mcore_dist_checkpointing import restore_sharded_modelopt_state
 

@@ -35,12 +35,12 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, cast
 
 import numpy as np
 import torch
 
-from engine.config import ConfigError
+from engine.config import ConfigError, QuantFormat
 from engine.optimization import modelopt_state
 
 log = logging.getLogger(__name__)
@@ -291,8 +291,8 @@ def quantize_checkpoint(
     from engine import checkpoint as ckpt_lib
     from engine import model_io
 
-    modelopt_state.require_modelopt()
     check_format(fmt, torch.cuda.is_available())
+    modelopt_state.require_modelopt()
     if calib_samples < 1 or eval_samples < 1 or micro_batch < 1:
         raise ConfigError("--calib-samples, --eval-samples and --micro-batch must be >= 1")
     out_dir = Path(out)
@@ -326,7 +326,7 @@ def quantize_checkpoint(
     nll_after = mean_nll(model, held_out, vocab, micro_batch, f"perplexity ({fmt})")
 
     t = time.perf_counter()
-    qcfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, qat=fmt))
+    qcfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, qat=cast(QuantFormat, fmt)))
     saved = model_io.save_model_checkpoint(
         out_dir, qcfg, [model], iteration=loaded.iteration, lineage=ckpt_lib.read_lineage(source)
     )
@@ -366,5 +366,7 @@ def describe(result: QuantizeResult) -> List[str]:
         f"calibrated on {result.calib_windows} windows",
         f"checkpoint: {result.checkpoint}",
     ]
-    lines.append(f"hugging face: {result.hf_dir}" if result.hf_dir else f"hugging face: not written ({result.hf_skipped})")
+    lines.append(
+        f"hugging face: {result.hf_dir}" if result.hf_dir else f"hugging face: not written ({result.hf_skipped})"
+    )
     return lines
