@@ -241,7 +241,7 @@ def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = Fals
     if family == "llama":
         kwargs.update(attention_bias=c.add_bias, mlp_bias=c.add_bias)
         kwargs.update(extra)
-        return transformers.LlamaConfig(**kwargs)
+        return _with_v4_rope_keys(transformers.LlamaConfig(**kwargs), c)
     kwargs.update(
         intermediate_size=c.expert_ffn_hidden_size,
         num_local_experts=c.num_experts,
@@ -251,7 +251,19 @@ def hf_config(model_cfg: ModelConfig, allow_sliding_window_mismatch: bool = Fals
         sliding_window=window,
     )
     kwargs.update(extra)
-    return transformers.MixtralConfig(**kwargs)
+    return _with_v4_rope_keys(transformers.MixtralConfig(**kwargs), c)
+
+
+def _with_v4_rope_keys(config: PretrainedConfig, model_cfg: ModelConfig) -> PretrainedConfig:
+    """Add the transformers 4.x RoPE keys next to transformers 5's ``rope_parameters``.
+
+    transformers 4.x (and TRL, vLLM, llama.cpp's converter, which read 4.x-style configs)
+    take the theta from ``rope_theta`` and scaling from ``rope_scaling``; without them 4.57
+    silently uses theta 10000. transformers 5 drops a ``rope_theta`` constructor argument,
+    so the key is set as an attribute, which ``save_pretrained`` writes out. The engine has
+    no RoPE scaling, so ``rope_scaling`` stays absent (4.x reads that as no scaling)."""
+    config.rope_theta = float(model_cfg.rotary_base)
+    return config
 
 
 # --------------------------------------------------------------------------------------
