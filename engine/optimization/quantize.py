@@ -187,45 +187,68 @@ def hf_export_blocker(cfg, fmt: str) -> Optional[str]:
         return str(exc)
     if family != "llama":
         return f"modelopt's megatron-core exporter maps LLaMA-family models only, not {family}"
+    if not cfg.data.tokenizer:
+        return "the checkpoint names no tokenizer (data.tokenizer), which modelopt's exporter needs"
     return None
 
 
-def _hf_base(cfg, directory: Path) -> None:
-    """What modelopt's exporter starts from: the model's HF ``config.json`` (``models.hf_convert``)
-    and, when the run had one, its tokenizer (copied into the export)."""
-    from models.hf_convert import hf_config, hf_model_class
-
-    extra: Dict[str, Any] = {}
-    tok_json = Path(cfg.data.tokenizer) / "tokenizer.json" if cfg.data.tokenizer else None
-    if tok_json is not None and tok_json.is_file():
-        from transformers import PreTrainedTokenizerFast
-
-        from engine.data.tokenizer import load_tokenizer
-
-        eos = load_tokenizer(cfg.data.tokenizer).eos
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_json))
-        tok.eos_token = tok.convert_ids_to_tokens(eos)
-        tok.save_pretrained(str(directory))
-        extra["eos_token_id"] = eos
-    config = hf_config(cfg.model, **extra)
-    config.architectures = [hf_model_class(cfg.model).__name__]
-    config.save_pretrained(str(directory))
-
-
 def export_hf(model: torch.nn.Module, cfg, out_dir: Path) -> None:
-    """Write the quantized ``model`` as a Hugging Face checkpoint in modelopt's unified format
-    into ``out_dir`` (through a temporary sibling, renamed when complete)."""
+    """Write the quantized ``model`` (``cfg`` its checkpoint's config) as a Hugging Face
+    checkpoint in modelopt's unified format into ``out_dir``, through a temporary sibling
+    renamed when complete. modelopt's ``export_mcore_gpt_to_hf`` converts the weights (FP8:
+    E4M3 weights with ``weight_scale`` and ``input_scale``) and starts from a base directory
+    holding the architecture's ``config.json`` (``models.hf_convert.hf_config``); the
+    tokenizer files are the ones ``python -m engine export hf`` writes (``engine.export.hf``)."""
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
+    from engine.data.chat_template import get_chat_template
+    from engine.export.hf import load_checkpoint_tokenizer, write_tokenizer
+    from models.hf_convert import hf_config, hf_model_class
+
+    tok = load_checkpoint_tokenizer(cfg)
+    if tok is None:
+        raise ConfigError("the checkpoint names no tokenizer (data.tokenizer), which modelopt's exporter needs")
+    template = get_chat_template(cfg.data.chat_template).to_jinja()
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dtype = next(model.parameters()).dtype
-    with tempfile.TemporaryDirectory() as base:
-        _hf_base(cfg, Path(base))
-        export_mcore_gpt_to_hf(model, base, dtype=dtype, export_dir=str(tmp))
-    tmp.rename(out_dir)
+    try:
+        with tempfile.TemporaryDirectory() as base:
+            ids = {"bos_token_id": tok.bos, "eos_token_id": tok.eod, "pad_token_id": tok.pad}
+            token_ids: Dict[str, Any] = {k: (v if v >= 0 else None) for k, v in ids.items()}
+            config = hf_config(cfg.model, **token_ids)
+            config.architectures = [hf_model_class(cfg.model).__name__]
+            config.save_pretrained(base)
+            # modelopt re-saves the base's tokenizer with AutoTokenizer; it must find one.
+            write_tokenizer(tok, template, Path(base), cfg.model.max_seq_length)
+            export_mcore_gpt_to_hf(model, base, dtype=next(model.parameters()).dtype, export_dir=str(tmp))
+        write_tokenizer(tok, template, tmp, cfg.model.max_seq_length)  # the engine's files, not the re-save
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_quantized_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Export a checkpoint written by ``python -m engine quantize`` (any saved layout) to
+    Hugging Face through modelopt's exporter; returns ``out_dir``. ConfigError (one line)
+    for an unquantized checkpoint or a format/architecture modelopt cannot export, and when
+    ``out_dir`` exists."""
+    from engine import model_io
+
+    ckpt = model_io.resolve_checkpoint(checkpoint)
+    cfg = model_io.checkpoint_config(ckpt)
+    if not cfg.precision.qat:
+        raise ConfigError(f"{ckpt} is not quantized (no precision.qat in its config)")
+    blocker = hf_export_blocker(cfg, cfg.precision.qat)
+    if blocker is not None:
+        raise ConfigError(f"{ckpt}: {blocker}")
+    if Path(out_dir).exists():
+        raise ConfigError(f"{out_dir} already exists; choose a new output directory")
+    loaded = model_io.load_model(ckpt)
+    export_hf(loaded.model, loaded.cfg, Path(out_dir))
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------- command

@@ -147,6 +147,16 @@ def test_quantize_command_fp8_and_hf_export(trained_checkpoint, post_training_da
     quant_cfg = json.loads((out / "hf" / "hf_quant_config.json").read_text())
     assert quant_cfg["quantization"]["quant_algo"] == "FP8"
 
+    # The same export again from the saved checkpoint (what `export hf` of it would call).
+    from safetensors.torch import load_file
+
+    again = q.export_quantized_checkpoint(out, tmp_path / "again")
+    for f in (out / "hf").glob("*.safetensors"):
+        first, second = load_file(str(f)), load_file(str(again / f.name))
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ConfigError, match="is not quantized"):
+        q.export_quantized_checkpoint(trained_checkpoint("tiny-llama"), tmp_path / "plain")
+
 
 def test_nvfp4_refused_on_cpu_in_one_line(tmp_path):
     """NVFP4 needs modelopt's CUDA kernels: refused before anything is loaded (a failed
