@@ -51,12 +51,16 @@ def require_modelopt() -> None:
 
 
 def is_converted(model: torch.nn.Module) -> bool:
-    """Whether modelopt has converted ``model`` (without importing modelopt when nothing did)."""
+    """Whether ``model`` carries modelopt modes worth saving (without importing modelopt when
+    nothing did). A model converted only for distillation does not: the distillation
+    objective drops its ``kd_loss`` mode (it holds the teacher), leaving an empty state."""
     if "modelopt.torch.opt" not in sys.modules:  # never imported: nothing can be converted
         return False
     import modelopt.torch.opt as mto
 
-    return bool(mto.ModeloptStateManager.is_converted(model))
+    if not mto.ModeloptStateManager.is_converted(model):
+        return False
+    return mto.ModeloptStateManager(model).has_state
 
 
 def has_state(ckpt: Path) -> bool:
