@@ -50,17 +50,18 @@ def require_modelopt() -> None:
         ) from None
 
 
-def is_converted(model: torch.nn.Module) -> bool:
-    """Whether ``model`` carries modelopt modes worth saving (without importing modelopt when
-    nothing did). A model converted only for distillation does not: the distillation
-    objective drops its ``kd_loss`` mode (it holds the teacher), leaving an empty state."""
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether modelopt's quantization modes have converted ``model`` (without importing
+    modelopt when nothing did). Other modelopt conversions (the distillation objective's,
+    whose mode holds the teacher; LoRA's, re-applied from ``finetune.lora``) are not saved
+    here: their owners rebuild them from the config."""
     if "modelopt.torch.opt" not in sys.modules:  # never imported: nothing can be converted
         return False
     import modelopt.torch.opt as mto
 
     if not mto.ModeloptStateManager.is_converted(model):
         return False
-    return mto.ModeloptStateManager(model).has_state
+    return mto.ModeloptStateManager.has_state_for_mode_type("quantization", model=model)
 
 
 def has_state(ckpt: Path) -> bool:
@@ -82,9 +83,9 @@ def quantization_format(ckpt: Path) -> Optional[str]:
 
 def save(chunks: List[torch.nn.Module], directory: Path) -> None:
     """Write the modelopt state of ``chunks`` (this rank's unwrapped model chunks) into the
-    checkpoint directory being written; nothing when modelopt has not converted them. All
-    ranks call (dist_checkpointing's save is collective)."""
-    if not chunks or not is_converted(chunks[0]):
+    checkpoint directory being written; nothing when they are not quantized. All ranks call
+    (dist_checkpointing's save is collective)."""
+    if not chunks or not is_quantized(chunks[0]):
         return
     if len(chunks) > 1:
         raise ConfigError("modelopt state cannot be saved with parallel.virtual_pipeline (one model chunk per rank)")
