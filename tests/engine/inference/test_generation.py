@@ -267,3 +267,19 @@ def test_tp2_pp2_under_torchrun_same_tokens(trained_checkpoint, tmp_path):
     one = gen.generate(PROMPTS, GenerationOptions(greedy=False, temperature=1.0, top_k=200, seed=3, max_new_tokens=10))
     assert parallel == [r.tokens for r in one]
     assert len({t for r in one for t in r.tokens}) > 10  # sampled, varied tokens
+
+
+def test_generation_layout():
+    """One process: TP=PP=1 (None); under torchrun: the checkpoint's TP x PP, all ranks used,
+    without the training-only parts; any other world size is one line."""
+    from engine.config import ParallelConfig
+    from engine.inference.loading import generation_layout
+
+    saved = ParallelConfig(tensor=2, pipeline=2, virtual_pipeline=2, expert=2, distributed_optimizer=True)
+    assert generation_layout(saved, 1) is None
+    layout = generation_layout(saved, 4)
+    assert layout is not None
+    assert (layout.tensor, layout.pipeline, layout.virtual_pipeline, layout.expert) == (2, 2, None, 1)
+    assert not layout.distributed_optimizer
+    with pytest.raises(ConfigError, match="tensor x pipeline = 2 x 2 = 4 processes .* not 2"):
+        generation_layout(saved, 2)
