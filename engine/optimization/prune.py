@@ -25,16 +25,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from engine.config import Config, ConfigError, ModelConfig, ParallelConfig
-
-log = logging.getLogger(__name__)
 
 INSTALL_HINT = "pruning needs nvidia-modelopt: pip install -e .[opt]"
 
@@ -249,53 +245,6 @@ def fresh_model(pruned, cfg: Config, dtype):
     return model
 
 
-def calibration_windows(prefix: str, count: int, seq_length: int):
-    """The first ``count`` windows of ``seq_length`` tokens of the indexed dataset ``prefix``
-    (its documents in order, end-of-document tokens included), as a ``[count, seq]`` tensor.
-    Reads only the documents it needs. ConfigError (one line) for missing files or too few
-    tokens."""
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-    missing = [prefix + s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
-    if missing:
-        raise ConfigError(f"--calib-data {prefix}: no indexed dataset there (missing {' and '.join(missing)})")
-    need = count * seq_length
-    ds = IndexedDataset(prefix)
-    parts, have = [], 0
-    for i in range(len(ds)):
-        if have >= need:
-            break
-        parts.append(np.asarray(ds[i], dtype=np.int64))
-        have += len(parts[-1])
-    if have < need:
-        raise ConfigError(
-            f"--calib-data {prefix} holds {have} tokens: {have // seq_length} windows of {seq_length}, "
-            f"fewer than the {count} asked for (--calib-samples)"
-        )
-    return torch.from_numpy(np.concatenate(parts)[:need]).view(count, seq_length)
-
-
-def _forward_loop(windows, micro_batch: int) -> Callable[[Any], None]:
-    """modelopt's ``forward_loop``: the calibration windows through the model, no gradient,
-    with a progress bar readable in a log file."""
-    import torch
-    from tqdm import tqdm
-
-    def loop(model) -> None:
-        device = next(model.parameters()).device
-        bar = tqdm(total=len(windows), desc="score", unit="window", mininterval=2.0, disable=None, file=sys.stderr)
-        with torch.no_grad(), bar:
-            for batch in windows.split(micro_batch):
-                tokens = batch.to(device)
-                positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
-                model(tokens, positions, None)
-                bar.update(len(batch))
-
-    return loop
-
-
 def parameter_count(model) -> int:
     """Parameters of a single-process ``GPTModel``, a tied output layer counted once."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -349,6 +298,7 @@ def prune_checkpoint(
 
     from engine import checkpoint as ckpt_lib
     from engine import model_io
+    from engine.optimization.quantize import forward_windows, token_windows
     from engine.process_guard import in_process_write_results
     from engine.run_config import validate_run
     from models.build import resolve_dtype
@@ -364,7 +314,12 @@ def prune_checkpoint(
     seq = seq_length or min(cfg.data.seq_length, cfg.model.max_seq_length)
     if seq > cfg.model.max_seq_length:
         raise ConfigError(f"--seq-length {seq}: longer than the model's max_seq_length {cfg.model.max_seq_length}")
-    windows = calibration_windows(calib_data, calib_samples, seq)
+    if cfg.precision.qat:
+        raise ConfigError(
+            f"{ckpt} is quantized (precision.qat={cfg.precision.qat}): prune the unquantized checkpoint, then quantize"
+        )
+    # Windows of seq + 1 tokens (input and next-token target); the scoring reads the inputs.
+    windows = token_windows(calib_data, calib_samples, seq)
 
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
@@ -376,7 +331,9 @@ def prune_checkpoint(
     seconds["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    kept = minitron_prune(model, cfg.model, targets, _forward_loop(windows, micro_batch))
+    kept = minitron_prune(
+        model, cfg.model, targets, lambda m: forward_windows(m, windows, micro_batch, "score for pruning")
+    )
     new_cfg = dataclasses.replace(
         cfg,
         model=pruned_model_config(cfg.model, targets, kept),
