@@ -305,7 +305,7 @@ def prune_checkpoint(
 
     if calib_samples < 1 or micro_batch < 1:
         raise ConfigError("--calib-samples and --micro-batch must be at least 1")
-    ckpt = model_io.resolve_checkpoint(checkpoint)
+    ckpt = model_io.resolve_checkpoint(checkpoint).resolve()  # the lineage names it from anywhere
     out = Path(out)
     if ckpt_lib.list_checkpoints(str(out)):
         raise ConfigError(f"{out} already holds checkpoints; give a new output directory")
