@@ -178,6 +178,10 @@ class Trainer:
                 print_rank0(f"resume: no complete checkpoint in {cfg.dir}; starting from scratch")
         if source is None and cfg.init_from:
             source, full = Path(cfg.init_from), False
+        if source is None and cfg.init_from_hf:
+            from engine.hf_import import init_from_hf_checkpoint
+
+            source, full = init_from_hf_checkpoint(self.cfg), False
         start = 0
         if source is not None and full and (source / ckpt_lib.META).is_file():
             start = ckpt_lib.read_meta(source)["iteration"]
