@@ -13,7 +13,7 @@ takes the documents whose ``source`` is ``kolaw/constitution.txt#제N조`` and w
     never asked about. With ``data.split: 80,20,0`` the last 20% of the pairs are held
     out; their accuracy rises when ORPO learns that distractor texts are bad answers.
 
-Usage: python examples/make_post_training_data.py --out-dir DIR [--max-chars 160] [--seed 0] [--distractors 0.25]
+Usage: python examples/make_post_training_data.py --out-dir DIR [--sample FILE.jsonl] [--max-chars 160] [--seed 0] [--distractors 0.25]
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def preference_records(articles, distractors, seed: int = 0):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", required=True)
+    ap.add_argument("--sample", default=str(SAMPLE), help="JSONL corpus holding the constitution's articles")
     ap.add_argument("--max-chars", type=int, default=160, help="cut each article's text to this many characters")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
@@ -97,7 +98,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    articles = load_articles(max_chars=args.max_chars)
+    articles = load_articles(Path(args.sample), max_chars=args.max_chars)
+    if len(articles) < 4:
+        raise SystemExit(f"error: {args.sample} holds {len(articles)} constitution articles; at least 4 are needed")
     # Shuffle the pairs (seeded) so that the held-out split is a spread of articles.
     order = list(range(len(articles)))
     random.Random(args.seed).shuffle(order)

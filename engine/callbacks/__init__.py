@@ -38,7 +38,7 @@ def build_callbacks(cfg: Config, extra: Sequence[Callback] = ()) -> List[Callbac
     from engine.profiling import profiling_callbacks
 
     callbacks: List[Callback] = [
-        EvaluationCallback(cfg.training.eval_interval),  # on_step_end: after the log line
+        EvaluationCallback(cfg.training.eval_interval, cfg.training.eval_at_start),  # on_step_end: after the log line
         PreemptionHandler(cfg.preemption.signals, cfg.preemption.exit_code),  # on_step_end: asks to stop
         *profiling_callbacks(cfg),  # on_step_start before the throughput timer starts
         ThroughputCallback(cfg.logging.gpu),  # record_metrics: step time, tok/s, MFU, memory

@@ -261,6 +261,19 @@ def test_evaluation_and_checkpoint_cadence():
     assert len(trainer.logged) == 3
 
 
+def test_evaluation_at_start_logs_a_step_0_baseline_once():
+    trainer = _FakeTrainer(steps=4)
+    evaluation = EvaluationCallback(2, at_start=True)
+    for step in range(1, 5):
+        evaluation.on_step_start(trainer, step)
+        evaluation.on_step_end(trainer, step, {})
+    assert [(s, split) for s, split, _ in trainer.logged] == [(0, "valid"), (2, "valid"), (4, "valid")]
+    resumed = _FakeTrainer(steps=4)  # a resumed run starts at step 3: no second baseline
+    evaluation.on_step_start(resumed, 3)
+    EvaluationCallback(0, at_start=True).on_step_start(resumed, 1)  # validation off: none at start either
+    assert resumed.logged == []
+
+
 def test_no_module_reaches_into_the_trainers_private_members():
     """The DPO reference pass and every other module use the trainer's public API."""
     offenders = []
