@@ -31,61 +31,13 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 import yaml
 
 from engine.config import ConfigError
+from models.hf_dir import HF_CONFIG, HFImportError, check_architecture, hf_model_config, read_hf_config
 
 if TYPE_CHECKING:
-    from engine.config import Config, ModelConfig
+    from engine.config import Config
 
-HF_CONFIG = "config.json"
 CACHE_DIR = "hf_import"
 """Subdirectory of ``checkpoint.dir`` holding the converted checkpoints of ``init_from_hf``."""
-
-
-class HFImportError(ConfigError):
-    """A Hugging Face directory that cannot be imported (one line; the CLI exits 2)."""
-
-
-def read_hf_config(hf_dir: str | Path) -> Dict[str, Any]:
-    """``config.json`` of ``hf_dir`` as a dict, its architecture checked (one-line errors)."""
-    from models.hf_convert import ConversionError, hf_config_family
-
-    path = Path(hf_dir) / HF_CONFIG
-    if not path.is_file():
-        raise HFImportError(f"{hf_dir}: no {HF_CONFIG}; not a Hugging Face model directory")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HFImportError(f"{path}: not valid JSON ({exc})") from None
-    try:
-        hf_config_family(config)
-    except ConversionError as exc:
-        raise HFImportError(f"{hf_dir}: {exc}") from None
-    return config
-
-
-def hf_model_config(hf_dir: str | Path) -> "ModelConfig":
-    """The engine ``ModelConfig`` of the network in ``hf_dir`` (transformers reads the
-    config, so 4.x and 5.x key styles and the classes' defaults are both honoured)."""
-    from transformers import AutoConfig
-
-    from models.hf_convert import ConversionError, model_config_from_hf
-
-    read_hf_config(hf_dir)
-    try:
-        return model_config_from_hf(AutoConfig.from_pretrained(str(hf_dir)))
-    except ConversionError as exc:
-        raise HFImportError(f"{hf_dir}: {exc}") from None
-
-
-def check_architecture(run_model: "ModelConfig", hf_dir: str | Path) -> None:
-    """HFImportError naming the differences when the run's model is not ``hf_dir``'s network."""
-    from models.hf_convert import architecture_differences
-
-    diff = architecture_differences(run_model, hf_model_config(hf_dir))
-    if diff:
-        raise HFImportError(
-            f"the run's model section is not the network in {hf_dir} (run vs Hugging Face: {'; '.join(diff)}); "
-            f"`python -m engine import hf {hf_dir} OUT` prints the matching model section"
-        )
 
 
 def _weight_files(hf_dir: Path) -> list[Path]:

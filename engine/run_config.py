@@ -21,7 +21,7 @@ def check_init_from_hf(cfg: Config) -> List[str]:
     network ``model`` describes."""
     if not cfg.checkpoint.init_from_hf:
         return []
-    from engine.hf_import import check_architecture
+    from models.hf_dir import check_architecture
 
     try:
         check_architecture(cfg.model, cfg.checkpoint.init_from_hf)

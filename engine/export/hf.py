@@ -356,7 +356,7 @@ class _Stages:
 
     def close(self, finished: bool = False) -> None:
         if finished:
-            self.bar.update(self.bar.total - self.bar.n)
+            self.bar.update((self.bar.total or 0) - self.bar.n)
         self.bar.close()
 
 
