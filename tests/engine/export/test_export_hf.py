@@ -98,7 +98,8 @@ def test_export_at_training_layout_has_parity(exported, name):
 
 def test_moe_window_on_all_layers_is_exact(megatron_single_rank, tmp_path):
     """A window on every layer is what Mixtral's ``sliding_window`` expresses: exported exactly
-    and checked on a prompt twice the window (where windowed and full attention differ)."""
+    and checked on a prompt twice the window (where windowed and full attention differ);
+    fp32, in shards of at most --max-shard-size."""
     from engine import model_io
     from engine.export.hf import PARITY_TOKENS, export_hf
     from engine.run_config import load_run_config
@@ -109,7 +110,10 @@ def test_moe_window_on_all_layers_is_exact(megatron_single_rank, tmp_path):
     chunks = model_io.build_model(cfg, torch.float32)
     _perturb(chunks[0], seed=1)
     model_io.save_model_checkpoint(tmp_path / "run", cfg, chunks, iteration=7)
-    info = export_hf(tmp_path / "run", tmp_path / "hf", dtype="fp32")
+    info = export_hf(tmp_path / "run", tmp_path / "hf", dtype="fp32", max_shard_size="1MB")
+    # ~3.6 MB of fp32 weights in 1 MB shards: an index and several files, read back for parity.
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 3
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["sliding_window"] == cfg.model.sliding_window and info["approximation"] is None
     assert info["parity"]["prompt_tokens"] == PARITY_TOKENS
