@@ -496,6 +496,11 @@ MOVED_KEYS = {
 }
 
 
+QuantFormat = Literal["fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+"""Quantization formats of ``python -m engine quantize`` and ``precision.qat`` (modelopt configs
+in ``engine/optimization/quantize.py``)."""
+
+
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 """Linear layers of a transformer layer that can carry a LoRA adapter (megatron-core names)."""
 
@@ -559,6 +564,12 @@ class PrecisionConfig:
     """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
     num_layers_at_end_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
+    qat: Optional[QuantFormat] = None
+    """Quantization format of the model's nvidia-modelopt fake quantizers; None: not quantized.
+    ``python -m engine quantize`` writes it into the checkpoints it makes; training with it
+    set is quantization-aware training (QAT): ``checkpoint.init_from`` (or the resumed
+    checkpoint) must be a checkpoint quantized to this format, whose quantizer state is
+    restored before the optimizer is built (see ``engine/optimization/quantize.py``)."""
 
 
 @dataclass
@@ -973,6 +984,15 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         errors.append(f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})")
     if m.sliding_window < 0:
         errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
+    if cfg.precision.qat and p.virtual_pipeline is not None:
+        errors.append("precision.qat needs parallel.virtual_pipeline unset (modelopt keeps one model chunk per rank)")
+    if cfg.precision.qat and cfg.finetune.lora is not None:
+        errors.append("precision.qat does not combine with finetune.lora (LoRA on a quantized model is not supported)")
+    if cfg.precision.qat and cfg.precision.dtype == "fp8":
+        errors.append(
+            f"precision.qat ({cfg.precision.qat}) trains through modelopt's fake quantizers; "
+            "it does not combine with precision.dtype fp8 (TransformerEngine FP8 GEMMs)"
+        )
     if p.sequence_parallel and p.tensor == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
     lora = cfg.finetune.lora
