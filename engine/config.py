@@ -642,6 +642,11 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Start from the weights of this checkpoint (any layout) with a fresh optimizer, schedule
     and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
+    init_from_hf: Optional[str] = None
+    """Start from the weights of this Hugging Face directory (LLaMA, GPT-2 or Mixtral
+    safetensors), like ``init_from``: converted once into ``<dir>/hf_import/`` and loaded at the
+    run's layout. ``model`` must describe the same network (checked; ``python -m engine import
+    hf`` prints it). Not combinable with ``init_from`` or ``load``."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
     fallback_on_corrupt: bool = False
@@ -1027,6 +1032,10 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         )
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
+    ck = cfg.checkpoint
+    if ck.init_from_hf and (ck.init_from or ck.load):
+        other = "checkpoint.init_from" if ck.init_from else "checkpoint.load"
+        errors.append(f"checkpoint.init_from_hf and {other} both name the starting weights; give one")
     pf = cfg.profile
     if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
         errors.append(

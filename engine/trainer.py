@@ -185,6 +185,10 @@ class Trainer:
                 print_rank0(f"resume: no complete checkpoint in {cfg.dir}; starting from scratch")
         if source is None and cfg.init_from:
             source, full = Path(cfg.init_from), False
+        if source is None and cfg.init_from_hf:
+            from engine.hf_import import init_from_hf_checkpoint
+
+            source, full = init_from_hf_checkpoint(self.cfg), False
         return source, full, verified
 
     def _restore_quantizers(self, chunks: List[torch.nn.Module], source: Optional[Path]) -> List[torch.nn.Module]:

@@ -26,9 +26,13 @@ def register(subparsers) -> None:
     p.add_argument("--calib-data", required=True, metavar="PREFIX", help="indexed dataset (PREFIX.bin/.idx)")
     p.add_argument("--calib-samples", type=int, default=128, metavar="N", help="calibration windows (default 128)")
     p.add_argument(
-        "--eval-data",
-        metavar="PREFIX",
-        help="held-out indexed dataset for the perplexity report (default: --calib-data after the calibration windows)",
+        "--eval-data", metavar="PREFIX", help="indexed dataset of the perplexity report (default: --calib-data)"
+    )
+    p.add_argument(
+        "--eval-split",
+        choices=("valid", "test", "all"),
+        default="valid",
+        help="part of --eval-data scored, cut by the checkpoint's data.split (default valid: held out from training)",
     )
     p.add_argument("--eval-samples", type=int, default=32, metavar="N", help="perplexity windows (default 32)")
     p.add_argument("--seq-length", type=int, help="tokens per window (default: the checkpoint's data.seq_length)")
@@ -51,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
         args.calib_data,
         args.calib_samples,
         eval_data=args.eval_data,
+        eval_split=args.eval_split,
         eval_samples=args.eval_samples,
         seq_length=args.seq_length,
         micro_batch=args.micro_batch,

@@ -31,17 +31,19 @@ import dataclasses
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, cast
 
 import numpy as np
 import torch
 
 from engine.config import ConfigError, QuantFormat
 from engine.optimization import modelopt_state
+
+if TYPE_CHECKING:
+    from engine.evaluation.perplexity import Window
 
 log = logging.getLogger(__name__)
 
@@ -85,78 +87,58 @@ def modelopt_config(fmt: str) -> Dict[str, Any]:
 # ----------------------------------------------------------------------------- data
 
 
-def token_windows(prefix: str, count: int, seq_length: int, skip: int = 0) -> torch.Tensor:
-    """Windows ``skip .. skip+count-1`` of ``seq_length + 1`` tokens each (input and next-token
-    target) from the indexed dataset ``prefix``: its documents in order, concatenated with
-    their end-of-document tokens and cut every ``seq_length`` tokens, as megatron-core's GPT
-    dataset cuts samples (consecutive windows share one token). Reads only the documents it
-    needs. ConfigError (one line) when the files are missing or hold too few tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+def calibration_windows(prefix: str, count: int, seq_length: int) -> List["Window"]:
+    """The first ``count`` windows of the indexed dataset ``prefix`` (from its start, whatever
+    its splits), cut as ``engine.evaluation.perplexity`` cuts them (``seq_length + 1`` tokens,
+    stride ``seq_length``; chat data one conversation at a time). Reads only what it needs.
+    ConfigError (one line) when the files are missing or hold fewer windows."""
+    from engine.evaluation.perplexity import dataset_windows
 
-    missing = [s for s in (".bin", ".idx") if not Path(prefix + s).is_file()]
-    if missing:
-        raise ConfigError(f"{prefix}: no indexed dataset there (missing {' and '.join(prefix + s for s in missing)})")
-    need = (skip + count) * seq_length + 1
-    ds = IndexedDataset(prefix)
-    parts, have = [], 0
-    for i in range(len(ds)):
-        if have >= need:
-            break
-        doc = np.asarray(ds[i], dtype=np.int64)
-        parts.append(doc)
-        have += len(doc)
-    if have < need:
-        available = max((have - 1) // seq_length - skip, 0)
+    _, windows = dataset_windows(prefix, "100,0,0", "all", seq_length, max_tokens=count * seq_length)
+    if len(windows) < count:
         raise ConfigError(
-            f"{prefix} holds {have} tokens: {available} windows of {seq_length} tokens after the first {skip}, "
-            f"fewer than the {count} asked for"
+            f"{prefix} holds {len(windows)} windows of {seq_length} tokens, fewer than the {count} asked for"
         )
-    tokens = torch.from_numpy(np.concatenate(parts)[:need])
-    starts = (skip + torch.arange(count)) * seq_length
-    return torch.stack([tokens[s : s + seq_length + 1] for s in starts.tolist()])
+    return windows[:count]
 
 
-def _progress(total: int, desc: str):
-    """A tqdm bar readable in a log file: refreshed at most every 2 s, plain lines off a tty."""
+def held_out_windows(prefix: str, split_spec: str, split: str, count: int, seq_length: int) -> List["Window"]:
+    """Up to ``count`` windows of ``prefix``'s held-out ``split`` (``valid``, ``test``, or
+    ``all``), cut by ``split_spec`` as training cut it (``engine.evaluation.perplexity``)."""
+    from engine.evaluation.perplexity import dataset_windows
+
+    _, windows = dataset_windows(prefix, split_spec, split, seq_length, max_tokens=count * seq_length)
+    return windows[:count]
+
+
+def forward_windows(model: torch.nn.Module, windows: List["Window"], micro_batch: int, desc: str) -> None:
+    """Forward passes over every window (no gradient), ``micro_batch`` windows of one length
+    at a time: the calibration loop modelopt's quantizers observe."""
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="window", mininterval=2.0, disable=None, file=sys.stderr)
+    from engine.evaluation.perplexity import gpt_logits_fn
+
+    logits = gpt_logits_fn(model)
+    by_length: Dict[int, List[np.ndarray]] = {}
+    for w in windows:
+        by_length.setdefault(len(w.tokens), []).append(w.tokens)
+    with torch.no_grad(), tqdm(total=len(windows), desc=desc, unit="win", mininterval=1.0, disable=None) as bar:
+        for group in by_length.values():
+            for i in range(0, len(group), micro_batch):
+                batch = torch.from_numpy(np.stack(group[i : i + micro_batch]))
+                logits(batch[:, :-1])
+                bar.update(len(batch))
 
 
-def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """The model's logits ``[batch, seq, padded vocab]`` for ``tokens [batch, seq]`` (causal
-    attention, positions 0..seq-1, one process holding the whole model)."""
-    positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
-    return model(tokens, positions, None)
+def mean_nll(model: torch.nn.Module, windows: List["Window"], vocab_size: int, micro_batch: int, desc: str) -> float:
+    """Token-weighted mean next-token NLL (nats) of ``model`` over ``windows``, as
+    ``engine.evaluation.perplexity`` scores it (fp32, the tokenizer's ``vocab_size`` columns);
+    ``exp`` of it is the perplexity."""
+    from engine.evaluation.perplexity import gpt_logits_fn, score_windows
 
-
-def forward_windows(model: torch.nn.Module, windows: torch.Tensor, micro_batch: int, desc: str) -> None:
-    """Forward passes over every window (no gradient), ``micro_batch`` at a time: the
-    calibration loop modelopt's quantizers observe."""
-    device = next(model.parameters()).device
-    with torch.no_grad(), _progress(len(windows), desc) as bar:
-        for batch in windows.split(micro_batch):
-            logits(model, batch[:, :-1].to(device))
-            bar.update(len(batch))
-
-
-def mean_nll(model: torch.nn.Module, windows: torch.Tensor, vocab_size: int, micro_batch: int, desc: str) -> float:
-    """Token-weighted mean next-token negative log-likelihood (nats) of ``model`` over
-    ``windows``, over the tokenizer's ``vocab_size`` entries (the embedding's padding rows are
-    never targets); ``exp`` of it is the perplexity."""
-    device = next(model.parameters()).device
-    total, tokens = 0.0, 0
     model.eval()
-    with torch.no_grad(), _progress(len(windows), desc) as bar:
-        for batch in windows.split(micro_batch):
-            batch = batch.to(device)
-            out = logits(model, batch[:, :-1])[..., :vocab_size].float()
-            target = batch[:, 1:]
-            nll = torch.nn.functional.cross_entropy(out.reshape(-1, vocab_size), target.reshape(-1), reduction="sum")
-            total += float(nll)
-            tokens += target.numel()
-            bar.update(len(batch))
-    return total / tokens
+    nll_sum, tokens = score_windows(gpt_logits_fn(model), windows, vocab_size, micro_batch, desc=desc)
+    return nll_sum / tokens
 
 
 def quantize_model(
@@ -262,6 +244,8 @@ class QuantizeResult:
     source: str
     checkpoint: str
     calib_windows: int
+    eval_data: str
+    eval_split: str
     eval_windows: int
     seq_length: int
     nll_before: float
@@ -297,6 +281,7 @@ def quantize_checkpoint(
     calib_data: str,
     calib_samples: int,
     eval_data: Optional[str] = None,
+    eval_split: str = "valid",
     eval_samples: int = 32,
     seq_length: Optional[int] = None,
     micro_batch: int = 4,
@@ -306,9 +291,10 @@ def quantize_checkpoint(
     """PTQ of ``checkpoint`` (a checkpoint or run directory) into the run directory ``out``.
 
     Calibrates on the first ``calib_samples`` windows of ``calib_data``; perplexity is
-    measured on ``eval_samples`` windows of ``eval_data``, by default the windows of
-    ``calib_data`` right after the calibration ones (held out from calibration). Every
-    input is checked before the model is loaded. One process, the whole model."""
+    measured on the first ``eval_samples`` windows of the ``eval_split`` of ``eval_data``
+    (default ``calib_data``), cut by the checkpoint's ``data.split`` as training cut it: with
+    the training data, windows the model never trained on. Every input is checked before
+    the model is loaded. One process, the whole model."""
     import time
 
     from engine import checkpoint as ckpt_lib
@@ -328,12 +314,8 @@ def quantize_checkpoint(
     seq = seq_length or src_cfg.data.seq_length
     if seq > src_cfg.model.max_seq_length:
         raise ConfigError(f"--seq-length {seq} exceeds the model's max_seq_length ({src_cfg.model.max_seq_length})")
-    calib = token_windows(calib_data, calib_samples, seq)
-    held_out = (
-        token_windows(eval_data, eval_samples, seq)
-        if eval_data
-        else token_windows(calib_data, eval_samples, seq, skip=calib_samples)
-    )
+    calib = calibration_windows(calib_data, calib_samples, seq)
+    held_out = held_out_windows(eval_data or calib_data, src_cfg.data.split, eval_split, eval_samples, seq)
 
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
@@ -359,6 +341,8 @@ def quantize_checkpoint(
         source=str(source),
         checkpoint=str(saved),
         calib_windows=calib_samples,
+        eval_data=eval_data or calib_data,
+        eval_split=eval_split,
         eval_windows=len(held_out),
         seq_length=seq,
         nll_before=nll_before,
@@ -385,7 +369,8 @@ def describe(result: QuantizeResult) -> List[str]:
     change = result.ppl_after / result.ppl_before - 1.0
     lines = [
         f"{result.format}: held-out perplexity {result.ppl_before:.4f} -> {result.ppl_after:.4f} "
-        f"({change:+.2%}) over {result.eval_windows} windows of {result.seq_length} tokens; "
+        f"({change:+.2%}) over {result.eval_windows} windows of {result.seq_length} tokens "
+        f"({Path(result.eval_data).name}, {result.eval_split} split); "
         f"calibrated on {result.calib_windows} windows",
         f"checkpoint: {result.checkpoint}",
     ]

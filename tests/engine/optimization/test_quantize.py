@@ -17,10 +17,12 @@ import sys
 import typing
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from engine.config import ConfigError, PrecisionConfig, field_choices
+from engine.evaluation.perplexity import gpt_logits_fn
 from tests.conftest import REPO
 
 pytest.importorskip("modelopt.torch.quantization")
@@ -28,6 +30,11 @@ pytest.importorskip("modelopt.torch.quantization")
 CPU_FORMATS = ("fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq")
 # Bound on |perplexity change| of the 3-step tiny model: weight-only 4-bit is the coarsest.
 PPL_BOUND = {"fp8": 0.02, "int8": 0.02, "int8_sq": 0.02, "int4_awq": 0.10, "w4a8_awq": 0.10}
+
+
+def _tokens(windows) -> torch.Tensor:
+    """The inputs (all tokens but the last) of equal-length windows, as one batch."""
+    return torch.from_numpy(np.stack([w.tokens[:-1] for w in windows]))
 
 
 def test_format_names_agree():
@@ -51,18 +58,19 @@ def test_each_cpu_format_round_trips(trained_checkpoint, post_training_data, tmp
     from engine.optimization import quantize as q
 
     run = trained_checkpoint("tiny-llama")
-    calib = q.token_windows(post_training_data["pretrain"], 8, 64)
-    held_out = q.token_windows(post_training_data["pretrain"], 8, 64, skip=8)
+    calib = q.calibration_windows(post_training_data["pretrain"], 8, 64)
+    held_out = q.held_out_windows(post_training_data["pretrain"], "80,20,0", "valid", 8, 64)
+    tokens = _tokens(held_out[:2])
     for fmt in CPU_FORMATS:
         loaded = model_io.load_model(run)
         vocab = loaded.cfg.model.vocab_size
         with torch.no_grad():
-            plain = q.logits(loaded.model, held_out[:2, :-1])
+            plain = gpt_logits_fn(loaded.model)(tokens)
         before = q.mean_nll(loaded.model, held_out, vocab, 4, "before")
         model = q.quantize_model(loaded.model, fmt, lambda m: q.forward_windows(m, calib, 4, "calibrate"))
         after = q.mean_nll(model, held_out, vocab, 4, "after")
         with torch.no_grad():
-            quantized = q.logits(model, held_out[:2, :-1])
+            quantized = gpt_logits_fn(model)(tokens)
         assert not torch.equal(plain, quantized), fmt  # the quantizers act
         change = math.exp(after) / math.exp(before) - 1.0
         assert 0 < abs(change) < PPL_BOUND[fmt], (fmt, change)
@@ -72,7 +80,7 @@ def test_each_cpu_format_round_trips(trained_checkpoint, post_training_data, tmp
         reloaded = model_io.load_model(saved)
         assert reloaded.cfg.precision.qat == fmt
         with torch.no_grad():
-            assert torch.equal(q.logits(reloaded.model, held_out[:2, :-1]), quantized), fmt
+            assert torch.equal(gpt_logits_fn(reloaded.model)(tokens), quantized), fmt
 
 
 def _quantize_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -130,9 +138,9 @@ def test_quantize_command_fp8_and_hf_export(trained_checkpoint, post_training_da
 
     loaded = model_io.load_model(out)
     assert loaded.cfg.precision.qat == "fp8"
-    tokens = q.token_windows(post_training_data["pretrain"], 2, 64, skip=20)[:, :-1]
+    tokens = _tokens(q.held_out_windows(post_training_data["pretrain"], "80,20,0", "valid", 2, 64))
     with torch.no_grad():
-        ours = q.logits(loaded.model, tokens)[..., : loaded.cfg.model.vocab_size]
+        ours = gpt_logits_fn(loaded.model)(tokens)[..., : loaded.cfg.model.vocab_size]
     hf, n = _fp8_dequantized_hf_model(out / "hf")
     assert n == 4 * 7  # q, k, v, o, gate, up, down in each of the 4 layers
     with torch.no_grad():
@@ -178,7 +186,7 @@ def test_bad_inputs_refused_in_one_line(trained_checkpoint, post_training_data, 
     run = str(trained_checkpoint("tiny-llama"))
     data = post_training_data["pretrain"]
     cases = [
-        (dict(calib_data=str(tmp_path / "nothing")), "no indexed dataset there"),
+        (dict(calib_data=str(tmp_path / "nothing")), "nothing.bin does not exist"),
         (dict(calib_data=data, calib_samples=10**6), "fewer than the 1000000 asked for"),
     ]
     busy = tmp_path / "busy"
@@ -206,7 +214,7 @@ def test_loading_a_quantized_checkpoint_needs_its_quantizers(trained_checkpoint,
 
     plain = ckpt_lib.latest_checkpoint(str(trained_checkpoint("tiny-llama")))
     loaded = model_io.load_model(plain)
-    model = q.quantize_model(loaded.model, "int8", lambda m: q.logits(m, torch.ones(1, 8, dtype=torch.long)))
+    model = q.quantize_model(loaded.model, "int8", lambda m: gpt_logits_fn(m)(torch.ones(1, 8, dtype=torch.long)))
     cfg = dataclasses.replace(loaded.cfg, precision=dataclasses.replace(loaded.cfg.precision, qat="int8"))
     quantized = model_io.save_model_checkpoint(tmp_path / "q", cfg, [model])
 
@@ -239,7 +247,7 @@ def test_qat_loss_falls_and_resume_is_exact(trained_checkpoint, post_training_da
 
     data = post_training_data["pretrain"]
     loaded = model_io.load_model(trained_checkpoint("tiny-llama"))
-    calib = q.token_windows(data, 8, 64)
+    calib = q.calibration_windows(data, 8, 64)
     model = q.quantize_model(loaded.model, "fp8", lambda m: q.forward_windows(m, calib, 4, "calibrate"))
     cfg = dataclasses.replace(loaded.cfg, precision=dataclasses.replace(loaded.cfg.precision, qat="fp8"))
     start = model_io.save_model_checkpoint(tmp_path / "ptq", cfg, [model])
@@ -256,7 +264,7 @@ def test_qat_loss_falls_and_resume_is_exact(trained_checkpoint, post_training_da
     resumed = qat_run("resumed", load=str(tmp_path / "whole" / "checkpoints" / "iter_0000002"))
     assert resumed == whole[2:]
 
-    held_out = q.token_windows(data, 16, 64, skip=8)
+    held_out = q.held_out_windows(data, "80,20,0", "valid", 16, 64)
     before = q.mean_nll(model, held_out, 1024, 4, "before QAT")
     after_qat = model_io.load_model(tmp_path / "whole")
     assert after_qat.cfg.precision.qat == "fp8"
