@@ -298,7 +298,7 @@ def prune_checkpoint(
 
     from engine import checkpoint as ckpt_lib
     from engine import model_io
-    from engine.optimization.quantize import forward_windows, token_windows
+    from engine.optimization.quantize import calibration_windows, forward_windows
     from engine.process_guard import in_process_write_results
     from engine.run_config import validate_run
     from models.build import resolve_dtype
@@ -318,8 +318,8 @@ def prune_checkpoint(
         raise ConfigError(
             f"{ckpt} is quantized (precision.qat={cfg.precision.qat}): prune the unquantized checkpoint, then quantize"
         )
-    # Windows of seq + 1 tokens (input and next-token target); the scoring reads the inputs.
-    windows = token_windows(calib_data, calib_samples, seq)
+    # Windows cut as engine.evaluation.perplexity cuts them (quantization calibrates on the same).
+    windows = calibration_windows(calib_data, calib_samples, seq)
 
     seconds: Dict[str, float] = {}
     t = time.perf_counter()
