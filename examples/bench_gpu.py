@@ -36,6 +36,7 @@ touches CUDA: everything that does runs in a child that exits before the next st
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -133,6 +134,9 @@ def run_variants(cfg_path: str, variants: Dict[str, List[str]], out: str) -> Non
             results[name] = {"steps": rec.steps, "flags": rec.flags}
         except Exception as exc:  # one variant's failure is a result, not the end of the check
             results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"}
+        gc.collect()  # the finished Trainer's model and optimizer state, before the next is built
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     device: Dict[str, object] = {"name": "cpu", "total_memory_gib": None, "capability": None}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -583,7 +587,10 @@ class Bench:
         for name, check in self.equivalence.get("checks", {}).items():
             verdict = "ok" if check.get("ok") else "FAILED"
             detail = check.get("max_rel_diff", check.get("why"))
-            lines.append(f"- {name}: {verdict}; max relative difference {detail}; tolerance {check.get('tolerance')}")
+            lines.append(
+                f"- {name}: {verdict}; max relative difference {detail}; tolerance {check.get('tolerance')}; "
+                f"in effect: {check.get('flags')}"
+            )
         if self.failed_sets:
             lines.append("")
             lines.append(f"Refused (no figures reported): {', '.join(self.failed_sets)}")

@@ -67,9 +67,13 @@ def _probe(backend: str, head_dim: int, heads: int, groups: int, dtype: torch.dt
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    q = torch.randn(1, heads, 128, head_dim, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
-    k = torch.randn(1, groups, 128, head_dim, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
-    v = torch.randn_like(k, requires_grad=True)
+
+    def make(h: int) -> torch.Tensor:
+        # megatron's [s, b, h, d] viewed as [b, h, s, d], the strides SDPAAttention passes
+        x = torch.randn(256, 2, h, head_dim, device="cuda", dtype=dtype, generator=gen, requires_grad=True)
+        return x.permute(1, 2, 0, 3)
+
+    q, k, v = make(heads), make(groups), make(groups)
     try:
         with sdpa_kernel([getattr(SDPBackend, _BACKENDS[backend])]):
             out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=groups != heads)
