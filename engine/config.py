@@ -496,6 +496,11 @@ MOVED_KEYS = {
 }
 
 
+QuantFormat = Literal["fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+"""Quantization formats of ``python -m engine quantize`` and ``precision.qat`` (modelopt configs
+in ``engine/optimization/quantize.py``)."""
+
+
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 """Linear layers of a transformer layer that can carry a LoRA adapter (megatron-core names)."""
 
@@ -559,6 +564,12 @@ class PrecisionConfig:
     """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
     num_layers_at_end_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
+    qat: Optional[QuantFormat] = None
+    """Quantization format of the model's nvidia-modelopt fake quantizers; None: not quantized.
+    ``python -m engine quantize`` writes it into the checkpoints it makes; training with it
+    set is quantization-aware training (QAT): ``checkpoint.init_from`` (or the resumed
+    checkpoint) must be a checkpoint quantized to this format, whose quantizer state is
+    restored before the optimizer is built (see ``engine/optimization/quantize.py``)."""
 
 
 @dataclass
@@ -669,6 +680,11 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Start from the weights of this checkpoint (any layout) with a fresh optimizer, schedule
     and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
+    init_from_hf: Optional[str] = None
+    """Start from the weights of this Hugging Face directory (LLaMA, GPT-2 or Mixtral
+    safetensors), like ``init_from``: converted once into ``<dir>/hf_import/`` and loaded at the
+    run's layout. ``model`` must describe the same network (checked; ``python -m engine import
+    hf`` prints it). Not combinable with ``init_from`` or ``load``."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
     fallback_on_corrupt: bool = False
@@ -1008,6 +1024,15 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         errors.append(f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})")
     if m.sliding_window < 0:
         errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
+    if cfg.precision.qat and p.virtual_pipeline is not None:
+        errors.append("precision.qat needs parallel.virtual_pipeline unset (modelopt keeps one model chunk per rank)")
+    if cfg.precision.qat and cfg.finetune.lora is not None:
+        errors.append("precision.qat does not combine with finetune.lora (LoRA on a quantized model is not supported)")
+    if cfg.precision.qat and cfg.precision.dtype == "fp8":
+        errors.append(
+            f"precision.qat ({cfg.precision.qat}) trains through modelopt's fake quantizers; "
+            "it does not combine with precision.dtype fp8 (TransformerEngine FP8 GEMMs)"
+        )
     if p.sequence_parallel and p.tensor == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
     lora = cfg.finetune.lora
@@ -1047,6 +1072,10 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         )
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
+    ck = cfg.checkpoint
+    if ck.init_from_hf and (ck.init_from or ck.load):
+        other = "checkpoint.init_from" if ck.init_from else "checkpoint.load"
+        errors.append(f"checkpoint.init_from_hf and {other} both name the starting weights; give one")
     pf = cfg.profile
     if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
         errors.append(

@@ -187,10 +187,26 @@ def build_gpt_chunks(
             rotary_base=cfg.model.rotary_base,  # a float theta must not be truncated
             vp_stage=vp_stage,
         )
+        _cast_parameters(model, dtype)
         chunks.append(model)
     if cfg.performance.compile_layers:
         description += f"; torch.compile on {perf_lib.compile_layers(chunks)} layers"
     return BuiltModel(chunks=chunks, config=tf_config, spec_description=description)
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in ``dtype``, as Megatron-LM's Float16Module makes it.
+
+    Without TE, megatron-core's torch norms (and GPT-2's learned position embeddings) are
+    created in fp32 whatever ``params_dtype`` says. A bf16 model with fp32 norms breaks
+    megatron-core 0.16.1's distributed optimizer when it gathers its state for a checkpoint:
+    its param-to-state map assumes one dtype per parameter group, so a norm's state lands
+    on the embedding's slot and the save fails with a size mismatch. Parameters only:
+    buffers such as RoPE frequencies keep their precision."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
 
 @dataclass
