@@ -573,6 +573,44 @@ class PrecisionConfig:
 
 
 @dataclass
+class PerformanceConfig:
+    """Kernel choices of the torch-native path (no TransformerEngine). Each is a switch whose
+    results match the unoptimised path within rounding (``tests/models/test_performance.py``);
+    ``auto`` is what is expected fastest on a GPU and keeps CPU runs (tests) on plain eager
+    kernels. The defaults are provisional until ``examples/bench_gpu.py`` has measured them.
+    A fusion switch left at None (``auto``) is on with CUDA and off on CPU."""
+
+    bias_activation_fusion: Optional[bool] = None
+    """megatron-core's jit-fused (``torch.compile``) bias + SwiGLU / GeLU of the MLP
+    (TransformerConfig ``bias_activation_fusion``). None: on with CUDA; off on CPU, where the
+    per-shape C++ compile costs more than the tiny models gain."""
+    bias_dropout_fusion: Optional[bool] = None
+    """megatron-core's jit-fused bias-dropout-add on the residual branches (``bias_dropout_fusion``)."""
+    cross_entropy_fusion: Optional[bool] = None
+    """megatron-core's fused vocab-parallel cross entropy, its ``native`` (torch, jit-fused)
+    implementation (``cross_entropy_loss_fusion`` with ``cross_entropy_fusion_impl: native``):
+    fewer passes over the [tokens, vocab] logits than the unfused one. It rounds the logits'
+    gradient to bf16, so it is used with bf16 only (None: on for bf16 with CUDA)."""
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math", "default"] = "auto"
+    """Kernel of ``scaled_dot_product_attention`` (torch-native spec): ``auto`` tries cuDNN
+    attention first on Hopper/Blackwell (compute capability >= 9.0) and torch's own order
+    elsewhere; a named backend is tried first, torch's others follow for shapes it rejects
+    (``torch.nn.attention.sdpa_kernel`` with priority); ``default`` leaves torch's choice.
+    The choice is probed once at build and logged. CPU: torch's fused CPU kernel whatever is set."""
+    adam: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """Implementation of torch's AdamW (what megatron-core uses without TE/apex): ``fused``
+    (one kernel per parameter group), ``foreach`` (multi-tensor ops), ``for_loop`` (one
+    parameter at a time). ``auto``: ``fused`` on CUDA, torch's default on CPU (``for_loop``)."""
+    rmsnorm: Literal["torch", "liger"] = "torch"
+    """RMSNorm kernel: ``torch`` (``torch.nn.RMSNorm``, megatron-core's fallback without
+    apex; torch >= 2.8 runs it as one fused CUDA kernel) or ``liger`` (liger-kernel's Triton
+    RMSNorm; needs ``pip install liger-kernel`` and CUDA)."""
+    compile_layers: bool = False
+    """``torch.compile`` each transformer layer (inductor). Off until measured faster: the
+    first steps compile for tens of seconds, and a new sequence length recompiles."""
+
+
+@dataclass
 class ProfileConfig:
     """Profiling windows (Nsight Systems, torch.profiler) and out-of-memory snapshots."""
 
@@ -680,6 +718,8 @@ class Config:
     """Parameter-efficient fine-tuning (LoRA)."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numeric formats."""
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Kernel choices of the torch-native path (fusions, attention backend, AdamW, RMSNorm)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Profiling windows."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)

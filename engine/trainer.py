@@ -37,7 +37,7 @@ from engine.data import gpt_data
 from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import apply_adam_implementation, build_optimizer, build_scheduler
 from engine.optimization import modelopt_state
 from engine.optimization.lora import LoraWeights, is_base_key
 from engine.precision import resolve_fp8
@@ -161,6 +161,8 @@ class Trainer:
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.state = ckpt_lib.TrainState()
         self._maybe_load(*source)
+        adam = apply_adam_implementation(cfg, self.optimizer)  # a loaded state brings the saved flags
+        print_rank0(f"optimizer: torch AdamW ({adam}) unless TE/apex FusedAdam is installed")
 
         self._build_data()
         self._stop: Optional[Tuple[int, str]] = None  # (exit code, reason) of a requested stop
