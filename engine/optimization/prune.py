@@ -339,7 +339,9 @@ def prune_checkpoint(
         model=pruned_model_config(cfg.model, targets, kept),
         checkpoint=dataclasses.replace(cfg.checkpoint, init_from=None, resume=False, load=None),
     )
-    validate_run(new_cfg, world_size=new_cfg.parallel.model_parallel)
+    # The model's own consistency (the layout was checked against the targets above; the
+    # world size the checkpoint will train on is not known here).
+    validate_run(model_io.single_process_layout(new_cfg), world_size=1)
     plain = [fresh_model(model, new_cfg, dtype)]
     params_after = parameter_count(plain[0])
     del model, loaded

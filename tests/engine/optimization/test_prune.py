@@ -255,3 +255,25 @@ def test_without_modelopt_the_command_says_what_to_install(monkeypatch, tmp_path
     assert capsys.readouterr().err.strip() == f"config error: {INSTALL_HINT}"
     assert "pip install -e .[opt]" in INSTALL_HINT
     assert not Path(tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_moe_checkpoint_saved_at_ep2_pp2_prunes_and_trains(trained_checkpoint, post_training_data, tmp_path):
+    from engine.model_io import load_model
+
+    source = trained_checkpoint("tiny-moe", 4, expert=2, pipeline=2)  # resharded to one process on load
+    targets = PruneTargets.parse("hidden=48,ffn=64,experts=4,layers=2")
+    result = prune_checkpoint(source, tmp_path / "pruned", targets, post_training_data["pretrain"], 8)
+    cfg = yaml.safe_load((result.checkpoint / "config.yaml").read_text())
+    assert cfg["parallel"]["expert"] == 2 and cfg["parallel"]["pipeline"] == 2  # the layout it trains at
+
+    cfg["checkpoint"] = {"dir": str(tmp_path / "finetuned"), "init_from": str(result.checkpoint)}
+    cfg["training"]["steps"] = 2
+    run_engine(cfg, nproc=4)  # the source's layout: EP=2, PP=2
+    finetuned = load_model(tmp_path / "finetuned")
+    layers = finetuned.model.decoder.layers
+    assert [layer.mlp.router.layer_number for layer in layers] == [1, 2]
+    w = dict(finetuned.model.named_parameters())
+    assert w["decoder.layers.1.mlp.router.weight"].shape == (4, 48)
+    assert w["decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight"].shape == (48, 64)
+    assert len(layers[1].mlp.experts.local_experts) == 4
