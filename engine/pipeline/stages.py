@@ -27,7 +27,7 @@ from engine.pipeline.runner import REPO, Stage
 # Seconds per step of the tiny preset at TP=2 on 2 CPU processes and the fixed start-up of an
 # engine command (interpreter, torch and megatron-core imports, process groups), measured on
 # this project's 2-core machine; the plan's estimate, replaced by the measured time after a run.
-STARTUP_S = {"train": 20.0, "command": 10.0}
+STARTUP_S = {"train": 30.0, "command": 12.0}
 STEP_S = {"pretrain": 0.45, "sft": 0.5, "orpo": 1.0}
 
 
