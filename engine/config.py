@@ -422,18 +422,66 @@ class DpoConfig:
 
 
 @dataclass
+class DistillLayerPair:
+    """One intermediate-layer pair of ``objective.distill.intermediate_layer_pairs``."""
+
+    student: str = ""
+    """Module name in the student ``GPTModel`` whose output is matched, e.g.
+    ``decoder.final_layernorm`` or ``decoder.layers.3.pre_mlp_layernorm`` (global layer
+    number; under pipeline parallelism it must lie on the last stage)."""
+    teacher: str = ""
+    """Module name in the teacher whose output is the target."""
+    loss: Literal["cosine", "mse"] = "cosine"
+    """modelopt's loss between the two outputs: ``cosine`` (HiddenStateCosineLoss; use it on
+    norm outputs, which have the full hidden size under tensor parallelism) or ``mse``."""
+
+
+@dataclass
+class DistillConfig:
+    """Knowledge distillation (``objective.distill``), read when ``objective.name`` is
+    ``distill``: the fields of modelopt's Megatron KD config (``DistillationConfig`` of
+    ``modelopt.torch.distill.plugins.megatron``, Megatron-LM's ``--export-kd-cfg`` YAML)."""
+
+    teacher: Optional[str] = None
+    """Teacher checkpoint, or a run directory (its newest complete checkpoint), saved by the
+    engine at any TP/PP layout. Its architecture is read from its ``config.yaml``; it is
+    built at the student's parallel layout and dtype, loaded, frozen (no gradient, eval
+    mode) and never saved with the student. Its vocabulary must be the student's."""
+    logit_kl_temperature: Annotated[float, Range(gt=0)] = 1.0
+    """Both models' logits are divided by it before the KL divergence KL(teacher || student)
+    per token (modelopt's LogitsKLLoss; no T^2 factor)."""
+    logit_kl_topk: Optional[Annotated[int, Range(ge=1)]] = None
+    """When set, the KL divergence is taken over the teacher's top-k vocabulary entries only
+    (modelopt's TopKLogitsKLLoss)."""
+    intermediate_layer_pairs: List[DistillLayerPair] = field(default_factory=list)
+    """Extra losses between intermediate outputs (``{student, teacher, loss}`` entries);
+    modelopt scales their mean to the logit loss's magnitude. Student and teacher must have
+    the same hidden size (modelopt's projection layer for unequal sizes is not supported)."""
+    skip_lm_loss: bool = True
+    """True: train on the distillation loss alone. False: train on LM loss + kd_loss_scale x
+    distillation loss, the distillation loss first rescaled to the LM loss's magnitude per
+    micro-batch (modelopt's LogitsAndIntermediatesLossBalancer). The LM loss is logged either way."""
+    kd_loss_scale: Annotated[float, Range(gt=0)] = 1.0
+    """Weight of the (rescaled) distillation loss next to the LM loss; used when
+    ``skip_lm_loss`` is false."""
+
+
+@dataclass
 class ObjectiveConfig:
     """What the model is trained to do; each name is one object in ``engine/objectives``, and
     an objective with settings reads them from its own sub-section (``objective.orpo``,
-    ``objective.dpo``)."""
+    ``objective.dpo``, ``objective.distill``)."""
 
-    name: Literal["pretrain", "sft", "orpo", "dpo"] = "pretrain"
+    name: Literal["pretrain", "sft", "orpo", "dpo", "distill"] = "pretrain"
     """Objective: ``pretrain`` (next-token loss on every token), ``sft`` (loss on assistant
-    tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs)."""
+    tokens, optional replay), ``orpo`` or ``dpo`` (preference pairs), ``distill`` (knowledge
+    distillation from a teacher checkpoint on pretraining data, through nvidia-modelopt)."""
     orpo: OrpoConfig = field(default_factory=OrpoConfig)
     """ORPO settings (used when ``name`` is ``orpo``)."""
     dpo: DpoConfig = field(default_factory=DpoConfig)
     """DPO settings (used when ``name`` is ``dpo``)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Knowledge-distillation settings (used when ``name`` is ``distill``)."""
 
 
 # Keys that moved: an old config names the new place instead of "unknown key".

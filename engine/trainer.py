@@ -110,6 +110,8 @@ class Trainer:
         self.num_micro = cfg.training.global_batch_size // (cfg.training.micro_batch_size * self.dp_size)
 
         print_rank0("resolved config:\n" + cfg.to_yaml())
+        # Before the model: an objective may wrap the chunks (distillation adds its teacher).
+        self.objective = build_objective(cfg)
         built = build_gpt_chunks(cfg, self.dtype, fp8=resolve_fp8(cfg))
         self.tf_config = built.config
         print_rank0(f"layers: {built.spec_description}; dtype {self.dtype}; device {self.env.device}")
@@ -126,7 +128,7 @@ class Trainer:
             average_in_collective=False,
         )
         self.model: List[DistributedDataParallel] = []
-        for i, chunk in enumerate(built.chunks):
+        for i, chunk in enumerate(self.objective.wrap_model(built.chunks)):
             if torch.cuda.is_available():
                 chunk.cuda(torch.cuda.current_device())
             wrapped = DistributedDataParallel(
@@ -151,7 +153,6 @@ class Trainer:
         self.state = ckpt_lib.TrainState()
         self._maybe_load()
 
-        self.objective = build_objective(cfg)
         self._build_data()
         self._stop: Optional[Tuple[int, str]] = None  # (exit code, reason) of a requested stop
         self._saved_path: Optional[Path] = None
@@ -256,6 +257,7 @@ class Trainer:
             micro_batch_size=mbs,
             decoder_seq_length=seq,
             forward_only=forward_only,
+            **self.objective.schedule_kwargs(self.model, seq, mbs),
         )
         return self._reduce_metrics(store)
 

@@ -164,6 +164,8 @@ class Vocab:
     eos: Optional[int]
     pad: Optional[int]
     add_space_prefix: bool
+    tokenization_caveats: List[str]
+    """Why llama.cpp may split raw text differently from SentencePiece (empty: it does not)."""
 
     def piece_id(self, piece: str) -> Optional[int]:
         """Id of ``piece``, or None."""
@@ -208,7 +210,21 @@ def sentencepiece_vocab(model_bytes: bytes, n_vocab: int, where: str) -> Vocab:
         eos=special(spec.eos_id),
         pad=special(spec.pad_id),
         add_space_prefix=bool(proto.normalizer_spec.add_dummy_prefix),
+        tokenization_caveats=_llama_cpp_caveats(proto),
     )
+
+
+def _llama_cpp_caveats(proto) -> List[str]:
+    """llama.cpp's ``llama`` tokenizer merges adjacent pieces by score (SentencePiece's BPE
+    algorithm) on the raw text: exact for a BPE model without a normaliser, not otherwise."""
+    from engine.data.tokenizer_hf import BPE
+
+    caveats = []
+    if proto.trainer_spec.model_type != BPE:
+        caveats.append("it is a Unigram model, which llama.cpp segments by BPE-style merges")
+    if proto.normalizer_spec.precompiled_charsmap:
+        caveats.append(f"llama.cpp does not apply the tokenizer's normaliser ({proto.normalizer_spec.name})")
+    return caveats
 
 
 # --------------------------------------------------------------------------------------
@@ -408,6 +424,7 @@ class GGUFResult:
     tensors: int
     bytes: int
     chat_format: str
+    tokenization_caveats: List[str]
 
 
 def _file_type(out_type: str):
@@ -484,7 +501,7 @@ def convert_hf_dir(
             raise
     modelfile = out.parent / "Modelfile"
     ollama.write_modelfile(modelfile, ollama.modelfile_text(out.name, fmt, eos_piece, sampling, hp.n_ctx))
-    return GGUFResult(out, modelfile, out_type, len(planned), total, fmt.name)
+    return GGUFResult(out, modelfile, out_type, len(planned), total, fmt.name, vocab.tokenization_caveats)
 
 
 def _progress(items: List[_Tensor], enabled: bool) -> Iterator[_Tensor]:
@@ -647,4 +664,11 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {result.path} ({result.out_type}, {result.tensors} tensors, {result.bytes / 2**20:.1f} MiB of "
         f"tensor data) and {result.modelfile} (chat template: {result.chat_format})"
     )
+    if result.tokenization_caveats:
+        print(
+            "warning: llama.cpp/Ollama may tokenize some texts differently from the engine: "
+            + "; ".join(result.tokenization_caveats)
+            + " (exact: a tokenizer trained with --model-type bpe --normalization identity)",
+            file=sys.stderr,
+        )
     return 0

@@ -8,12 +8,19 @@ The loop never branches on the stage; it asks ``build_objective(cfg)`` for an ob
 
 from engine.config import Config
 from engine.objectives.base import Objective
+from engine.objectives.distill import DistillObjective
 from engine.objectives.dpo import DPOObjective
 from engine.objectives.orpo import ORPOObjective
 from engine.objectives.pretrain import PretrainObjective
 from engine.objectives.sft import SFTObjective
 
-OBJECTIVES = {"pretrain": PretrainObjective, "sft": SFTObjective, "orpo": ORPOObjective, "dpo": DPOObjective}
+OBJECTIVES = {
+    "pretrain": PretrainObjective,
+    "sft": SFTObjective,
+    "orpo": ORPOObjective,
+    "dpo": DPOObjective,
+    "distill": DistillObjective,
+}
 
 # ``objective.name`` is a Literal of these names, checked by the config loader
 # (tests/engine/test_config.py keeps the two in step), so config-only commands never import

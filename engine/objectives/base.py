@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -36,6 +36,17 @@ class Objective:
 
     def __init__(self, cfg: Optional[Config] = None):
         self.cfg = cfg
+
+    def wrap_model(self, chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+        """This rank's freshly built ``GPTModel`` chunks -> the modules the run trains, wraps
+        in DDP and checkpoints (called before DDP, the optimizer and any checkpoint load).
+        Identity by default; distillation puts each chunk together with its teacher."""
+        return chunks
+
+    def schedule_kwargs(self, model: List[torch.nn.Module], seq_length: int, micro_batch_size: int) -> Dict[str, Any]:
+        """Extra keyword arguments for megatron-core's forward-backward function (e.g. the
+        pipeline's activation-shape adjustment of distillation). None by default."""
+        return {}
 
     def prepare(self, trainer: "Trainer") -> None:
         """Called once after the model, checkpoint and data are built, before the first step

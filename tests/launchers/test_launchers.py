@@ -16,7 +16,7 @@ from tests.conftest import REPO, step_metrics
 from tests.processes import Job, survivors
 
 LAUNCHERS = REPO / "launchers"
-LOCAL = ["pretrain_3b_b200.sh", "sft_3b_b200.sh", "orpo_3b_b200.sh", "moe_ep_b200.sh"]
+LOCAL = ["pretrain_3b_b200.sh", "sft_3b_b200.sh", "orpo_3b_b200.sh", "moe_ep_b200.sh", "distill_b200.sh"]
 SBATCH = sorted(p.name for p in (LAUNCHERS / "slurm").glob("*.sbatch"))
 
 
@@ -87,6 +87,7 @@ def test_shellcheck_every_launcher():
         ("sft_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "sft"),
         ("orpo_3b_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "orpo"),
         ("moe_ep_b200.sh", "keural-moe-15b", {"tensor": 1, "pipeline": 1, "expert": 8}, "bf16", "pretrain"),
+        ("distill_b200.sh", "frankenstallm-3b", {"tensor": 1, "pipeline": 1, "expert": 1}, "bf16", "distill"),
     ],
 )
 def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, sizes, dtype, objective):
@@ -110,6 +111,14 @@ def test_dry_run_prints_commands_and_resolved_config(tmp_path, script, preset, s
         assert cfg["training"]["global_batch_size"] == 128
     if script == "moe_ep_b200.sh":
         assert cfg["model"]["moe_token_dispatcher"] == "alltoall" and cfg["model"]["moe_aux_loss_coeff"] == 0.01
+    if script == "distill_b200.sh":  # a 14-layer, hidden-2048 student of the 3B teacher's family
+        assert (cfg["model"]["num_layers"], cfg["model"]["hidden_size"], cfg["model"]["vocab_size"]) == (
+            14,
+            2048,
+            64256,
+        )
+        assert cfg["objective"]["distill"]["teacher"] == "runs/pretrain_3b_b200"
+        assert cfg["objective"]["distill"]["skip_lm_loss"] is True
 
 
 def test_environment_overrides_and_extra_arguments(tmp_path):

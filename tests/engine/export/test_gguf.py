@@ -368,9 +368,13 @@ def test_mixtral_forward_matches_transformers(post_training_data, tmp_path, layo
 # ------------------------------------------------------------------------------------
 
 
-def test_modelfile_next_to_the_gguf(llama_dir, tmp_path):
+def test_modelfile_next_to_the_gguf(llama_dir, tmp_path, capsys):
     _, hf = llama_dir
     assert cli_main(["export", "gguf", str(hf), str(tmp_path / "out" / "tiny-q8_0.gguf"), "--type", "q8_0"]) == 0
+    # The session tokenizer is a Unigram model with an NFKC-based normaliser: both are named.
+    err = capsys.readouterr().err
+    assert "warning: llama.cpp/Ollama may tokenize some texts differently" in err
+    assert "Unigram" in err and "normaliser" in err
     text = (tmp_path / "out" / "Modelfile").read_text()
     assert text.splitlines()[0] == "FROM ./tiny-q8_0.gguf"
     go = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
@@ -511,6 +515,16 @@ def test_from_a_checkpoint_matches_the_engine_model(trained_checkpoint, megatron
     assert meta["tokenizer.ggml.eot_token_id"] == sp.piece_to_id("<|im_end|>")
     assert meta["tokenizer.chat_template"] == get_chat_template(loaded.cfg.data.chat_template).to_jinja()
     assert meta["general.name"] == f"{run.name}-iter_0000003"
+
+
+def test_tokenization_caveats_only_for_what_llama_cpp_does_differently(post_training_data):
+    from engine.data.tokenizer_hf import BPE, _model_proto
+
+    proto = _model_proto((Path(post_training_data["tokenizer"]) / "tokenizer.model").read_bytes())
+    assert len(G.sentencepiece_vocab(proto.SerializeToString(), VOCAB, "x").tokenization_caveats) == 2
+    proto.trainer_spec.model_type = BPE  # llama.cpp's merge-by-score is SentencePiece's BPE
+    proto.normalizer_spec.precompiled_charsmap = b""  # what --normalization identity writes
+    assert G.sentencepiece_vocab(proto.SerializeToString(), VOCAB, "x").tokenization_caveats == []
 
 
 def test_config_without_architectures_is_read_by_model_type(llama_dir):
