@@ -369,6 +369,10 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
         eval_prompts = lay.evaluation / "prompts.jsonl"
         all_prompts = list(dict.fromkeys([*cfg.generate.prompts, *cfg.eval.prompts]))
         datasets = [rel(lay.data / "pretrain"), rel(lay.data / "sft")]
+        # The generation metrics need the inference package (the generate command's).
+        gen_metrics = ["--prompts", rel(eval_prompts), "--max-new-tokens", str(cfg.eval.max_new_tokens)]
+        if not available("engine.inference"):
+            gen_metrics = []
         stages.append(
             Stage(
                 "eval",
@@ -382,10 +386,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                         *datasets,
                         "--split",
                         "valid",
-                        "--prompts",
-                        rel(eval_prompts),
-                        "--max-new-tokens",
-                        str(cfg.eval.max_new_tokens),
+                        *gen_metrics,
                         "--out",
                         rel(lay.evaluation / name),
                     )
