@@ -31,7 +31,7 @@ import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 META = "engine_meta.json"
 _ITER_DIR = re.compile(r"^iter_(\d{7,})$")
 _SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+KeyFilter = Optional[Callable[[str], bool]]
+"""Which model state keys a checkpoint holds or a load reads (None: all of them). LoRA saves
+and resumes only the adapters, and reads the base weights from the base checkpoint."""
 
 
 class CheckpointError(ConfigError):
@@ -130,8 +134,12 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _model_sharded_state_dict(chunks) -> Dict[str, Any]:
-    return {_model_key(i, len(chunks)): _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+def _model_sharded_state_dict(chunks, keys: KeyFilter = None) -> Dict[str, Any]:
+    out = {}
+    for i, c in enumerate(chunks):
+        sd = _unwrap(c).sharded_state_dict()
+        out[_model_key(i, len(chunks))] = sd if keys is None else {k: v for k, v in sd.items() if keys(k)}
+    return out
 
 
 def _layout() -> Dict[str, int]:
@@ -319,6 +327,8 @@ def save_checkpoint(
     save_optimizer: bool = True,
     keep: int = 0,
     protect=(),
+    model_keys: KeyFilter = None,
+    extra_meta: Optional[Dict[str, Any]] = None,
 ) -> Path:
     """Write a complete checkpoint of ``state.iteration`` atomically; returns its path.
 
@@ -326,7 +336,8 @@ def save_checkpoint(
     and (CheckpointError) when a complete checkpoint of that iteration exists already. Files
     are written under ``iter_N.tmp``, then ``config.yaml``, the manifest, and ``engine_meta.json``
     (the completeness marker); then the rename, then retention (``prune_checkpoints`` with
-    ``keep`` and ``protect``)."""
+    ``keep`` and ``protect``). ``model_keys`` selects the model state saved (default all);
+    ``extra_meta`` is added to ``engine_meta.json`` (e.g. LoRA's base reference)."""
     from megatron.core import dist_checkpointing
 
     root = checkpoint_root(run_dir)
@@ -348,7 +359,7 @@ def save_checkpoint(
         tmp.mkdir()
     dist.barrier()
 
-    sd = _model_sharded_state_dict(chunks)
+    sd = _model_sharded_state_dict(chunks, model_keys)
     if save_optimizer and optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=False, metadata=_SHARDING)
         sd["scheduler"] = scheduler.state_dict()
@@ -370,6 +381,7 @@ def save_checkpoint(
             "layout": _layout(),
             "format": "megatron-core dist_checkpointing",
             "objective": ((yaml.safe_load(config_yaml) or {}).get("objective") or {}).get("name"),
+            **(extra_meta or {}),
         }
         (tmp / META).write_text(json.dumps(meta, indent=2))  # its presence marks completeness
         if final.exists():  # an incomplete leftover (no META, checked above): not a checkpoint
@@ -381,13 +393,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    ckpt: Path, chunks, optimizer=None, scheduler=None, load_optimizer: bool = True, verify: bool = True
+    ckpt: Path,
+    chunks,
+    optimizer=None,
+    scheduler=None,
+    load_optimizer: bool = True,
+    verify: bool = True,
+    model_keys: KeyFilter = None,
 ) -> TrainState:
     """Restore model (and optionally optimizer, scheduler, RNG, progress) from ``ckpt``,
     after verifying its files against its manifest (CorruptCheckpointError names the file).
 
     The checkpoint may come from any TP/PP/DP layout. With ``load_optimizer=False`` only the
-    weights are read (a fresh optimizer picks them up) and a fresh TrainState is returned."""
+    weights are read (a fresh optimizer picks them up) and a fresh TrainState is returned.
+    ``model_keys`` selects the model state read (default all; the others keep their values).
+    A LoRA adapter checkpoint (``lora_base`` in its metadata) holds only adapters: read in
+    full it is refused with a hint to merge it first."""
     from megatron.core import dist_checkpointing
 
     ckpt = Path(ckpt)
@@ -396,7 +417,12 @@ def load_checkpoint(
     if verify:  # False only when the caller has just verified it (select_resume_checkpoint)
         verify_checkpoint(ckpt)  # a missing/truncated/altered file: one line naming it, on every rank
     meta = read_meta(ckpt)
-    sd = _model_sharded_state_dict(chunks)
+    if model_keys is None and meta.get("lora_base"):
+        raise CheckpointError(
+            f"{ckpt} holds only LoRA adapters (base: {meta['lora_base'].get('path')}); fold them into a "
+            "normal checkpoint first: python -m engine merge-lora CHECKPOINT OUT"
+        )
+    sd = _model_sharded_state_dict(chunks, model_keys)
     full = load_optimizer and optimizer is not None
     if full:
         if not meta.get("has_optimizer"):
@@ -415,7 +441,14 @@ def load_checkpoint(
             )
     loaded = dist_checkpointing.load(sd, str(ckpt))
     for i, c in enumerate(chunks):
-        _unwrap(c).load_state_dict(loaded[_model_key(i, len(chunks))])
+        part = loaded[_model_key(i, len(chunks))]
+        if model_keys is None:
+            _unwrap(c).load_state_dict(part)
+            continue
+        result = _unwrap(c).load_state_dict(part, strict=False)
+        unread = [k for k in result.missing_keys if model_keys(k)]
+        if unread or result.unexpected_keys:
+            raise CheckpointError(f"{ckpt}: model state not loaded: {(unread + result.unexpected_keys)[:3]}")
     if not full:
         if optimizer is not None:
             optimizer.reload_model_params()  # fp32 master copies from the loaded weights

@@ -496,6 +496,41 @@ MOVED_KEYS = {
 }
 
 
+LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+"""Linear layers of a transformer layer that can carry a LoRA adapter (megatron-core names)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (``finetune.lora``) through nvidia-modelopt (``pip install -e .[opt]``):
+    every targeted linear ``W`` gets ``W x + (alpha / rank) * B A dropout(x)`` with ``A``
+    random and ``B`` zero, so training starts exactly at the base model. Only ``A`` and ``B``
+    train and are checkpointed; the base weights come from ``checkpoint.init_from``."""
+
+    rank: Annotated[int, Range(ge=1)] = 16
+    """Inner dimension r of the adapters (A: r x in, B: out x r)."""
+    alpha: Annotated[float, Range(gt=0)] = 32.0
+    """Scale numerator: the adapter output is multiplied by ``alpha / rank``."""
+    dropout: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    """Dropout on the adapters' input (training only; the base path sees no dropout)."""
+    target_modules: List[LoraTarget] = field(
+        default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+    )
+    """Which linears of every transformer layer get adapters (megatron-core's names: attention
+    QKV and output projections, MLP up/gate and down projections)."""
+
+
+@dataclass
+class FinetuneConfig:
+    """Parameter-efficient fine-tuning of a base checkpoint (``checkpoint.init_from``)."""
+
+    lora: Optional[LoraConfig] = None
+    """LoRA adapters (rank, alpha, dropout, target_modules); None trains all weights. With
+    LoRA the base weights are frozen, the optimizer and checkpoints hold only the adapters
+    plus a reference to the base checkpoint, and ``python -m engine merge-lora`` folds them
+    into a normal checkpoint."""
+
+
 @dataclass
 class PrecisionConfig:
     """Numeric formats of parameters, activations and gradient reductions."""
@@ -625,6 +660,8 @@ class Config:
     """Batch sizes and run length."""
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     """Training objective and its settings."""
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    """Parameter-efficient fine-tuning (LoRA)."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numeric formats."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
@@ -837,8 +874,10 @@ def _choice_errors(obj: Any, where: str) -> List[str]:
             errors.extend(_choice_errors(value, f"{where}{name}."))
             continue
         choices = field_choices(typ)
-        if choices is not None and value is not None and value not in choices:
-            errors.append(f"{where}{name} is {value!r}; choose one of {', '.join(map(str, choices))}")
+        values = value if isinstance(value, list) else [value]  # List[Literal]: each entry
+        for v in values:
+            if choices is not None and v is not None and v not in choices:
+                errors.append(f"{where}{name} is {v!r}; choose one of {', '.join(map(str, choices))}")
     return errors
 
 
@@ -931,6 +970,21 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
     if p.sequence_parallel and p.tensor == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
+    lora = cfg.finetune.lora
+    if lora is not None:
+        if not cfg.checkpoint.init_from:
+            errors.append("finetune.lora needs the base model: set checkpoint.init_from to its checkpoint")
+        if not lora.target_modules:
+            errors.append("finetune.lora.target_modules is empty: name at least one of linear_qkv, linear_proj, ...")
+        if p.sequence_parallel:
+            # modelopt's replicated adapter halves (nn.Linear) would see only a sequence shard.
+            errors.append("finetune.lora does not support parallel.sequence_parallel; set it to false")
+        ref = cfg.objective.dpo.reference
+        if cfg.objective.name == "dpo" and ref and cfg.checkpoint.init_from and ref != cfg.checkpoint.init_from:
+            errors.append(
+                f"with finetune.lora the DPO reference is the frozen base (checkpoint.init_from); "
+                f"objective.dpo.reference ({ref}) must be unset or equal to it"
+            )
     if cfg.data.weights is not None and len(cfg.data.weights) != len(cfg.data.paths):
         errors.append(f"data.weights has {len(cfg.data.weights)} entries but data.paths has {len(cfg.data.paths)}")
     if not cfg.data.mock and not cfg.data.paths:

@@ -31,7 +31,10 @@ def field_docs(cls) -> Dict[str, str]:
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is typing.Literal:  # the choices are shown in the range column
         return type(typing.get_args(tp)[0]).__name__
-    text = str(tp).replace("typing.", "")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is list and args and typing.get_origin(args[0]) is typing.Literal:
+        return f"List[{_type_name(args[0])}]"
+    text = str(tp).replace("typing.", "").replace("engine.config.", "")
     return text if not isinstance(tp, type) else tp.__name__
 
 
@@ -48,8 +51,17 @@ def _allowed(hint, ranged) -> str:
     return "" if rng is None else f"each {rng}" if _is_list(hint) else str(rng)
 
 
+def _optional_section(tp):
+    """The dataclass of an ``Optional[Section]`` field (off by default, e.g. ``finetune.lora``), or None."""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+        return inner[0]
+    return None
+
+
 def _section(lines: List[str], key: str, section) -> None:
-    """Append the table of one section, then those of its sub-sections (``objective.dpo``)."""
+    """Append the table of one section, then those of its sub-sections (``objective.dpo``,
+    and the defaults of an optional one such as ``finetune.lora`` when it is set)."""
     cls = type(section)
     doc = inspect.getdoc(cls)
     if doc is None:
@@ -67,6 +79,9 @@ def _section(lines: List[str], key: str, section) -> None:
         if dataclasses.is_dataclass(default):
             nested.append((f"{key}.{sub.name}", default))
             continue
+        optional = _optional_section(hints[sub.name])
+        if optional is not None:
+            nested.append((f"{key}.{sub.name}", optional()))
         lines.append(
             f"| `{key}.{sub.name}` | `{_type_name(hints[sub.name])}` | "
             f"{_allowed(hints[sub.name], ranged[sub.name])} | `{default!r}` | "

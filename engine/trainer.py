@@ -38,6 +38,7 @@ from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
 from engine.optim import build_optimizer, build_scheduler
+from engine.optimization.lora import LoraWeights, is_base_key
 from engine.precision import resolve_fp8
 from engine.profiling import NvtxIterator, nvtx_range
 from engine.run_config import validate_run
@@ -115,6 +116,11 @@ class Trainer:
         built = build_gpt_chunks(cfg, self.dtype, fp8=resolve_fp8(cfg))
         self.tf_config = built.config
         print_rank0(f"layers: {built.spec_description}; dtype {self.dtype}; device {self.env.device}")
+        # LoRA: adapters before DDP, so its buffers and the optimizer hold only them.
+        self.lora: Optional[LoraWeights] = None
+        if cfg.finetune.lora is not None:
+            self.lora = LoraWeights(cfg)
+            print_rank0(self.lora.apply(built.chunks))
         print_rank0(
             f"layout: {describe_layout()} (world {self.env.world_size}, dp {self.dp_size}, micro-batches/step {self.num_micro})"
         )
@@ -192,9 +198,12 @@ class Trainer:
         if source is None:
             return
         self.start_ckpt = source if full else None
-        self.state = ckpt_lib.load_checkpoint(
-            source, self.model, self.optimizer, self.scheduler, load_optimizer=full, verify=not verified
-        )
+        if self.lora is not None:
+            self.state = self.lora.load(source, full, self.model, self.optimizer, self.scheduler, verify=not verified)
+        else:
+            self.state = ckpt_lib.load_checkpoint(
+                source, self.model, self.optimizer, self.scheduler, load_optimizer=full, verify=not verified
+            )
         if not full:
             self.state.lineage = ckpt_lib.read_meta(source).get("lineage", []) + [
                 {
@@ -382,8 +391,10 @@ class Trainer:
     def load_weights(self, path) -> None:
         """Load the model weights of the complete checkpoint ``path`` (any TP/PP layout,
         verified against its manifest) into this run's model; the optimizer's master copies
-        follow them. Optimizer state, scheduler and progress are not touched."""
-        ckpt_lib.load_checkpoint(Path(path), self.model, self.optimizer, load_optimizer=False)
+        follow them. Optimizer state, scheduler and progress are not touched. With LoRA only
+        the base weights are read (the adapters keep their values)."""
+        keys = is_base_key if self.lora is not None else None
+        ckpt_lib.load_checkpoint(Path(path), self.model, self.optimizer, load_optimizer=False, model_keys=keys)
 
     # -------------------------------------------------------------------------- callbacks
     def request_stop(self, exit_code: int, reason: str) -> None:
@@ -434,6 +445,7 @@ class Trainer:
                     save_optimizer=with_optimizer,
                     keep=c.keep,
                     protect=[self.start_ckpt],
+                    **(self.lora.save_options() if self.lora is not None else {}),
                 )
         except ckpt_lib.NonFiniteStateError as exc:
             newest = ckpt_lib.latest_checkpoint(c.dir)

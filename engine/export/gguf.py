@@ -456,6 +456,13 @@ def convert_hf_dir(
         hp = LlamaHParams.from_config(config, where)
     except KeyError as exc:
         raise GGUFExportError(f"{where}: config.json lacks {exc}") from None
+    approximation = _read_json(hf_dir / "engine_export.json").get("approximation")
+    if approximation:
+        # `export hf --allow-sliding-window-mismatch`: config.json no longer shows the window.
+        raise GGUFExportError(
+            f"{where}: this Hugging Face export approximates the trained model ({approximation}); "
+            "GGUF export takes exact exports only"
+        )
     sp_model = hf_dir / "tokenizer.model"
     if not sp_model.is_file():
         raise GGUFExportError(

@@ -16,10 +16,16 @@ megatron-core schedule) over every pair of the dataset (any TP/PP/DP layout; dat
 ranks take interleaved slices, results are gathered), with the reference weights loaded into
 the policy model by ``trainer.load_weights``. When the reference is
 not the ``checkpoint.init_from`` weights the run loads it first and the init weights after.
+
+With LoRA (``finetune.lora``) the reference is the frozen base model, ``checkpoint.init_from``
+(a different ``objective.dpo.reference`` is refused by the config check): the pass runs with
+the adapters bypassed (``adapters_disabled``), so it gives the base model's log-probs at any
+iteration, also when a resumed run has to recompute them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -37,6 +43,7 @@ from engine.data.chat_data import ChatIndexed, mask_prefix
 from engine.data.gpt_data import token_ids
 from engine.data.preference_data import PreferenceDataset
 from engine.metrics import print_rank0
+from engine.optimization.lora import adapters_disabled
 
 if TYPE_CHECKING:  # the trainer imports the objectives; only the annotations name it
     from engine.objectives.dpo import DPOObjective, PairLogps
@@ -169,7 +176,8 @@ def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> 
             f"dpo: cannot store reference log-probs: {where} is not writable; "
             f"set objective.dpo.reference_cache_dir to a writable directory"
         )
-    weights_are_reference = (
+    lora = trainer.lora is not None  # the frozen base is in the model: bypass the adapters
+    weights_are_reference = lora or (
         trainer.state.iteration == 0
         and cfg.checkpoint.init_from
         and Path(cfg.checkpoint.init_from).resolve() == ref.resolve()
@@ -194,7 +202,8 @@ def load_or_compute_reference(trainer: "Trainer", objective: "DPOObjective") -> 
     ordered = PreferenceDataset(data, 0, n, cfg.data.seq_length, total, cfg.data.seed, pad, shuffle=False)
     objective.start_collecting()
     try:
-        trainer.forward_only(ordered, total)
+        with adapters_disabled(trainer.model) if lora else contextlib.nullcontext():
+            trainer.forward_only(ordered, total)
     finally:
         local = objective.stop_collecting()
     gathered: List[Optional[List[PairLogps]]] = [None] * dist.get_world_size()

@@ -134,6 +134,44 @@ def test_identical_teacher_and_student_give_kl_zero(megatron_single_rank, traine
     assert got["lm_loss"] == pytest.approx(ce, rel=1e-5)
 
 
+def test_intermediate_pair_is_torch_cosine_distance(megatron_single_rank, trained_checkpoint):
+    """A ``decoder.final_layernorm`` pair: the logged intermediate loss is the masked mean of
+    1 - cos(student, teacher) of the two norms' outputs (torch, float64), and modelopt's
+    balancer scales it to the logit loss's magnitude, so the trained total is twice the KL."""
+    from engine.model_io import load_model
+    from engine.objectives.distill import DistillObjective
+    from models.build import build_gpt_chunks
+
+    teacher_dir = trained_checkpoint("tiny-llama")
+    pair = "[{student: decoder.final_layernorm, teacher: decoder.final_layernorm}]"
+    cfg = _cfg(teacher_dir, f"objective.distill.intermediate_layer_pairs={pair}")
+    teacher = load_model(teacher_dir).model
+    objective = DistillObjective(cfg)
+    (student,) = build_gpt_chunks(cfg, torch.float32).chunks
+    batch = _batch()
+    captured = {}
+    hooks = [
+        m.decoder.final_layernorm.register_forward_hook(lambda mod, i, o, k=k: captured.__setitem__(k, o.detach()))
+        for k, m in (("s", student), ("t", teacher))
+    ]
+    with torch.no_grad():
+        args = (batch["tokens"], batch["position_ids"], None)
+        kl, _ = _oracle(student(*args), teacher(*args), batch["labels"], batch["loss_mask"], 1.0)
+    for h in hooks:
+        h.remove()
+    cos = F.cosine_similarity(captured["s"].double(), captured["t"].double(), dim=-1).transpose(0, 1)  # [b, s]
+    mask = batch["loss_mask"].double()
+    expected = float(((1 - cos) * mask).sum() / mask.sum())
+    (model,) = objective.wrap_model([student])
+    output, loss_func = objective.forward_step(iter([batch]), model)
+    _, _, metrics = loss_func(output)
+    got = objective.finalize_metrics({k: float(v) for k, v in metrics.items()})
+    assert expected > 1e-3, expected
+    assert got["intermediate_loss"] == pytest.approx(expected, rel=1e-4)
+    assert got["kd_loss"] == pytest.approx(kl, rel=1e-4)
+    assert got["loss"] == pytest.approx(2 * kl, rel=1e-4)
+
+
 def test_kd_loss_falls_and_checkpoint_holds_only_the_student(post_training_data, trained_checkpoint, tmp_path):
     """The CLI distils the trained tiny-llama (4 layers, hidden 64) into a fresh 2-layer,
     hidden-32 student: KD and LM losses are logged separately, the KD loss falls, and the

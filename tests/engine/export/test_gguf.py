@@ -445,6 +445,9 @@ def test_bad_inputs_are_one_line_errors(llama_dir, tmp_path, capsys):
     assert "sliding-window attention" in err
     err = _refused(capsys, tmp_path, _edited_copy(hf, tmp_path / "d", vocab_size=512))
     assert "tokenizer.model has 1000 pieces but the model's vocabulary has 512 rows" in err
+    approx = _edited_copy(hf, tmp_path / "g")
+    (approx / "engine_export.json").write_text(json.dumps({"approximation": "full causal attention"}))
+    assert "approximates the trained model (full causal attention)" in _refused(capsys, tmp_path, approx)
     no_tok = _edited_copy(hf, tmp_path / "e")
     (no_tok / "tokenizer.model").unlink()
     assert "no tokenizer.model" in _refused(capsys, tmp_path, no_tok)
