@@ -323,7 +323,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                 [engine_cmd("export", "hf", rel(final), rel(lay.hf), "--dtype", cfg.export.dtype)],
                 inputs=[final],
                 outputs=[lay.hf],
-                estimate_s=3 * STARTUP_S["command"],
+                estimate_s=2 * STARTUP_S["command"],
                 summarize=lambda: _export_summary(lay),
             )
         )
@@ -395,7 +395,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                 inputs=[*ckpts.values(), lay.data / "pretrain.bin", lay.data / "sft.bin"],
                 outputs=[lay.evaluation / name for name in ("pretrain", "sft", "orpo")],
                 settings={"prompts": all_prompts},
-                estimate_s=3 * (STARTUP_S["command"] + 0.2 * len(all_prompts) * cfg.eval.max_new_tokens),
+                estimate_s=3 * (STARTUP_S["command"] + 0.05 * len(all_prompts) * cfg.eval.max_new_tokens),
                 prepare=_prompts_writer(eval_prompts, all_prompts),
                 summarize=lambda: _eval_summary(lay),
             )
