@@ -6,6 +6,7 @@ Layout of a run directory::
         engine_meta.json                  # iteration, data position, lineage; written last
         config.yaml                       # the resolved config of the run that wrote it
         manifest.json                     # size + CRC-32 of every other file (engine/ckpt_manifest.py)
+        modelopt_state/                   # quantized models only: modelopt's modes (engine/optimization/modelopt_state.py)
     <dir>/checkpoints/iter_0000200.tmp/   # being written: never taken as a checkpoint
     <dir>/checkpoints/iter_0000300.corrupt/  # failed verification, set aside by a fallback resume
 
@@ -38,6 +39,7 @@ import torch.distributed as dist
 
 from engine.ckpt_manifest import CorruptCheckpointError, verify_manifest, write_manifest
 from engine.config import ConfigError
+from engine.optimization import modelopt_state
 
 log = logging.getLogger(__name__)
 
@@ -366,6 +368,8 @@ def save_checkpoint(
     sd["rng_state"] = _rng_sharded_object(is_loading=False)
     sd["train_state"] = asdict(state)
     dist_checkpointing.save(sd, str(tmp), content_metadata=_SHARDING)
+    # A quantized (modelopt-converted) model: its modes, before the manifest covers them.
+    modelopt_state.save([_unwrap(c) for c in chunks], tmp)
     if rank == 0:
         (tmp / "config.yaml").write_text(config_yaml)
     dist.barrier()
@@ -421,6 +425,12 @@ def load_checkpoint(
         raise CheckpointError(
             f"{ckpt} holds only LoRA adapters (base: {meta['lora_base'].get('path')}); fold them into a "
             "normal checkpoint first: python -m engine merge-lora CHECKPOINT OUT"
+        )
+    if modelopt_state.has_state(ckpt) and not modelopt_state.is_quantized(_unwrap(chunks[0])):
+        # dist_checkpointing would load the weights and silently drop the quantizers.
+        raise CheckpointError(
+            f"{ckpt} holds a modelopt-quantized model: restore its modelopt state into the model "
+            "before loading (engine.optimization.modelopt_state.restore; the trainer needs precision.qat)"
         )
     sd = _model_sharded_state_dict(chunks, model_keys)
     full = load_optimizer and optimizer is not None

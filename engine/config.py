@@ -496,6 +496,11 @@ MOVED_KEYS = {
 }
 
 
+QuantFormat = Literal["fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4"]
+"""Quantization formats of ``python -m engine quantize`` and ``precision.qat`` (modelopt configs
+in ``engine/optimization/quantize.py``)."""
+
+
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 """Linear layers of a transformer layer that can carry a LoRA adapter (megatron-core names)."""
 
@@ -559,6 +564,50 @@ class PrecisionConfig:
     """Layers at the start kept in bf16 when ``first_last_layers_bf16`` is set."""
     num_layers_at_end_in_bf16: Annotated[int, Range(ge=0)] = 1
     """Layers at the end kept in bf16 when ``first_last_layers_bf16`` is set."""
+    qat: Optional[QuantFormat] = None
+    """Quantization format of the model's nvidia-modelopt fake quantizers; None: not quantized.
+    ``python -m engine quantize`` writes it into the checkpoints it makes; training with it
+    set is quantization-aware training (QAT): ``checkpoint.init_from`` (or the resumed
+    checkpoint) must be a checkpoint quantized to this format, whose quantizer state is
+    restored before the optimizer is built (see ``engine/optimization/quantize.py``)."""
+
+
+@dataclass
+class PerformanceConfig:
+    """Kernel choices of the torch-native path (no TransformerEngine). Each is a switch whose
+    results match the unoptimised path within rounding (``tests/models/test_performance.py``);
+    ``auto`` is what is expected fastest on a GPU and keeps CPU runs (tests) on plain eager
+    kernels. The defaults are provisional until ``examples/bench_gpu.py`` has measured them.
+    A fusion switch left at None (``auto``) is on with CUDA and off on CPU."""
+
+    bias_activation_fusion: Optional[bool] = None
+    """megatron-core's jit-fused (``torch.compile``) bias + SwiGLU / GeLU of the MLP
+    (TransformerConfig ``bias_activation_fusion``). None: on with CUDA; off on CPU, where the
+    per-shape C++ compile costs more than the tiny models gain."""
+    bias_dropout_fusion: Optional[bool] = None
+    """megatron-core's jit-fused bias-dropout-add on the residual branches (``bias_dropout_fusion``)."""
+    cross_entropy_fusion: Optional[bool] = None
+    """megatron-core's fused vocab-parallel cross entropy, its ``native`` (torch, jit-fused)
+    implementation (``cross_entropy_loss_fusion`` with ``cross_entropy_fusion_impl: native``):
+    fewer passes over the [tokens, vocab] logits than the unfused one. It rounds the logits'
+    gradient to bf16, so it is used with bf16 only (None: on for bf16 with CUDA)."""
+    sdpa_backend: Literal["auto", "cudnn", "flash", "efficient", "math", "default"] = "auto"
+    """Kernel of ``scaled_dot_product_attention`` (torch-native spec): ``auto`` tries cuDNN
+    attention first on Hopper/Blackwell (compute capability >= 9.0) and torch's own order
+    elsewhere; a named backend is tried first, torch's others follow for shapes it rejects
+    (``torch.nn.attention.sdpa_kernel`` with priority); ``default`` leaves torch's choice.
+    The choice is probed once at build and logged. CPU: torch's fused CPU kernel whatever is set."""
+    adam: Literal["auto", "fused", "foreach", "for_loop"] = "auto"
+    """Implementation of torch's AdamW (what megatron-core uses without TE/apex): ``fused``
+    (one kernel per parameter group), ``foreach`` (multi-tensor ops), ``for_loop`` (one
+    parameter at a time). ``auto``: ``fused`` on CUDA, torch's default on CPU (``for_loop``)."""
+    rmsnorm: Literal["torch", "liger"] = "torch"
+    """RMSNorm kernel: ``torch`` (``torch.nn.RMSNorm``, megatron-core's fallback without
+    apex; torch >= 2.8 runs it as one fused CUDA kernel) or ``liger`` (liger-kernel's Triton
+    RMSNorm; needs ``pip install liger-kernel`` and CUDA)."""
+    compile_layers: bool = False
+    """``torch.compile`` each transformer layer (inductor). Off until measured faster: the
+    first steps compile for tens of seconds, and a new sequence length recompiles."""
 
 
 @dataclass
@@ -631,6 +680,11 @@ class CheckpointConfig:
     init_from: Optional[str] = None
     """Start from the weights of this checkpoint (any layout) with a fresh optimizer, schedule
     and data position; recorded in the lineage of the new checkpoints. Ignored when resuming."""
+    init_from_hf: Optional[str] = None
+    """Start from the weights of this Hugging Face directory (LLaMA, GPT-2 or Mixtral
+    safetensors), like ``init_from``: converted once into ``<dir>/hf_import/`` and loaded at the
+    run's layout. ``model`` must describe the same network (checked; ``python -m engine import
+    hf`` prints it). Not combinable with ``init_from`` or ``load``."""
     save_optimizer: bool = True
     """Include optimizer state (needed for exact resume)."""
     fallback_on_corrupt: bool = False
@@ -664,6 +718,8 @@ class Config:
     """Parameter-efficient fine-tuning (LoRA)."""
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     """Numeric formats."""
+    performance: PerformanceConfig = field(default_factory=PerformanceConfig)
+    """Kernel choices of the torch-native path (fusions, attention backend, AdamW, RMSNorm)."""
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     """Profiling windows."""
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
@@ -968,6 +1024,15 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         errors.append(f"data.seq_length ({cfg.data.seq_length}) exceeds model.max_seq_length ({m.max_seq_length})")
     if m.sliding_window < 0:
         errors.append(f"model.sliding_window must be >= 0, got {m.sliding_window}")
+    if cfg.precision.qat and p.virtual_pipeline is not None:
+        errors.append("precision.qat needs parallel.virtual_pipeline unset (modelopt keeps one model chunk per rank)")
+    if cfg.precision.qat and cfg.finetune.lora is not None:
+        errors.append("precision.qat does not combine with finetune.lora (LoRA on a quantized model is not supported)")
+    if cfg.precision.qat and cfg.precision.dtype == "fp8":
+        errors.append(
+            f"precision.qat ({cfg.precision.qat}) trains through modelopt's fake quantizers; "
+            "it does not combine with precision.dtype fp8 (TransformerEngine FP8 GEMMs)"
+        )
     if p.sequence_parallel and p.tensor == 1:
         errors.append("parallel.sequence_parallel needs parallel.tensor > 1")
     lora = cfg.finetune.lora
@@ -1007,6 +1072,10 @@ def validate(cfg: Config, world_size: int, checks: Sequence[ConfigCheck] = ()) -
         )
     if not (0 <= cfg.optimizer.min_lr <= cfg.optimizer.lr):
         errors.append(f"optimizer.min_lr ({cfg.optimizer.min_lr}) must be in [0, optimizer.lr ({cfg.optimizer.lr})]")
+    ck = cfg.checkpoint
+    if ck.init_from_hf and (ck.init_from or ck.load):
+        other = "checkpoint.init_from" if ck.init_from else "checkpoint.load"
+        errors.append(f"checkpoint.init_from_hf and {other} both name the starting weights; give one")
     pf = cfg.profile
     if pf.start_step < 0 or (pf.end_step and pf.end_step < pf.start_step):
         errors.append(

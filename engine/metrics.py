@@ -28,7 +28,12 @@ def detect_gpu() -> Optional[str]:
     """Key of PEAK_TFLOPS for the current CUDA device, or None (CPU / unknown GPU)."""
     if not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name().lower()
+    return gpu_key(torch.cuda.get_device_name())
+
+
+def gpu_key(device_name: str) -> Optional[str]:
+    """Key of PEAK_TFLOPS for a CUDA device name (``NVIDIA H200``), or None when unknown."""
+    name = device_name.lower()
     for key in ("gb200", "b200", "h200", "h100", "a100"):
         if key in name:
             return key

@@ -8,7 +8,8 @@ goes through here, so they all accept the same inputs and refuse bad ones the sa
 - ``checkpoint_config``: the resolved ``config.yaml`` the run wrote into the checkpoint.
 - ``load_model``: build that model at the caller's layout (default TP=PP=EP=1, one process)
   and read the weights through megatron-core's ``dist_checkpointing`` (which reshards any
-  saved TP/PP/VP/EP layout), after verifying the files against the manifest.
+  saved TP/PP/VP/EP layout), after verifying the files against the manifest. A quantized
+  checkpoint (``precision.qat`` in its config) gets its modelopt quantizers back first.
 - ``save_model_checkpoint``: write model weights as a normal, complete engine checkpoint
   (no optimizer state) that ``checkpoint.init_from`` and every command here accept.
 """
@@ -26,6 +27,7 @@ import torch
 
 from engine import checkpoint as ckpt_lib
 from engine.config import Config, ConfigError, ParallelConfig
+from engine.optimization import modelopt_state
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +154,8 @@ def load_model(
         cfg = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, dtype="bf16"))
     cfg = single_process_layout(cfg) if parallel is None else dataclasses.replace(cfg, parallel=parallel)
     chunks = build_model(cfg, dtype)
+    if cfg.precision.qat:  # a quantized model: its fake quantizers exist before weights load
+        chunks = modelopt_state.restore(chunks, ckpt)
     ckpt_lib.load_checkpoint(ckpt, chunks, optimizer=None, load_optimizer=False)
     for c in chunks:
         c.eval()

@@ -2,7 +2,8 @@
 
 AdamW with fp32 master weights and fp32 optimizer state whatever the training dtype
 (megatron-core's mixed-precision optimizer), sharded over data-parallel ranks with the
-distributed optimizer. Weight decay skips norms, biases and embeddings.
+distributed optimizer. Weight decay skips norms, biases and embeddings. Without TE/apex
+megatron-core uses ``torch.optim.AdamW``; ``performance.adam`` picks its implementation.
 """
 
 from __future__ import annotations
@@ -52,7 +53,19 @@ def build_optimizer(cfg: Config, model_chunks: List[torch.nn.Module], dtype: tor
         use_distributed_optimizer=cfg.parallel.distributed_optimizer,
         overlap_param_gather=cfg.parallel.overlap_param_gather,
     )
-    return get_megatron_optimizer(opt_config, model_chunks, config_overrides=no_weight_decay_overrides(opt_config))
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, config_overrides=no_weight_decay_overrides(opt_config))
+    apply_adam_implementation(cfg, optimizer)
+    return optimizer
+
+
+def apply_adam_implementation(cfg: Config, optimizer) -> str:
+    """Set ``performance.adam`` on the torch AdamW inside ``optimizer`` (again after a resume:
+    a loaded optimizer state brings the saved run's param-group flags); returns it."""
+    from models.performance import adam_implementation, select_adam
+
+    impl = adam_implementation(cfg.performance, torch.cuda.is_available())
+    select_adam(optimizer, impl)
+    return impl
 
 
 def build_scheduler(cfg: Config, optimizer):

@@ -9,13 +9,28 @@ check through ``validate_run``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-from engine.config import Config, ConfigCheck, load_config, validate
+from engine.config import Config, ConfigCheck, ConfigError, load_config, validate
 from engine.precision import check_fp8_config
 from models.presets import get_preset
 
-RUN_CHECKS: Tuple[ConfigCheck, ...] = (check_fp8_config,)
+
+def check_init_from_hf(cfg: Config) -> List[str]:
+    """``checkpoint.init_from_hf`` must name a supported Hugging Face directory holding the
+    network ``model`` describes."""
+    if not cfg.checkpoint.init_from_hf:
+        return []
+    from models.hf_dir import check_architecture
+
+    try:
+        check_architecture(cfg.model, cfg.checkpoint.init_from_hf)
+    except ConfigError as exc:
+        return [f"checkpoint.init_from_hf: {exc}"]
+    return []
+
+
+RUN_CHECKS: Tuple[ConfigCheck, ...] = (check_fp8_config, check_init_from_hf)
 """The subsystems' own checks, reported together with ``validate``'s cross-section rules."""
 
 

@@ -32,12 +32,13 @@ import torch.distributed as dist
 
 from engine import checkpoint as ckpt_lib
 from engine.callbacks import Callback, build_callbacks
-from engine.config import Config
+from engine.config import Config, ConfigError
 from engine.data import gpt_data
 from engine.data.builders import build_training_data
 from engine.metrics import print_rank0
 from engine.objectives import build_objective
-from engine.optim import build_optimizer, build_scheduler
+from engine.optim import apply_adam_implementation, build_optimizer, build_scheduler
+from engine.optimization import modelopt_state
 from engine.optimization.lora import LoraWeights, is_base_key
 from engine.precision import resolve_fp8
 from engine.profiling import NvtxIterator, nvtx_range
@@ -133,8 +134,10 @@ class Trainer:
             # Per-token loss: gradients are summed, then divided by the global token count.
             average_in_collective=False,
         )
+        source = self._select_source()
+        chunks = self._restore_quantizers(built.chunks, source[0])
         self.model: List[DistributedDataParallel] = []
-        for i, chunk in enumerate(self.objective.wrap_model(built.chunks)):
+        for i, chunk in enumerate(self.objective.wrap_model(chunks)):
             if torch.cuda.is_available():
                 chunk.cuda(torch.cuda.current_device())
             wrapped = DistributedDataParallel(
@@ -157,7 +160,9 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.model, self.dtype)
         self.scheduler = build_scheduler(cfg, self.optimizer)
         self.state = ckpt_lib.TrainState()
-        self._maybe_load()
+        self._maybe_load(*source)
+        adam = apply_adam_implementation(cfg, self.optimizer)  # a loaded state brings the saved flags
+        print_rank0(f"optimizer: torch AdamW ({adam}) unless TE/apex FusedAdam is installed")
 
         self._build_data()
         self._stop: Optional[Tuple[int, str]] = None  # (exit code, reason) of a requested stop
@@ -166,16 +171,13 @@ class Trainer:
         self.callbacks = []  # set by __init__ after the build (prepare runs without hooks)
         self.objective.prepare(self)
 
-    def _maybe_load(self) -> None:
-        """Resume, load or initialise from a checkpoint, after the timeline checks.
-
-        Refused (CheckpointError, before anything is written): resuming/loading a checkpoint
-        whose iteration is beyond ``training.steps``, and any run whose ``checkpoint.dir``
-        holds complete checkpoints newer than the iteration it starts from (they belong to
-        another timeline that this run would interleave with and prune)."""
+    def _select_source(self) -> Tuple[Optional[Path], bool, bool]:
+        """The checkpoint this run starts from: (path or None, whether it is resumed in full
+        rather than weights only, whether it was verified already). Chosen before the model is
+        wrapped, since a quantized checkpoint changes the model the optimizer is built for."""
         cfg = self.cfg.checkpoint
-        source, verified = None, False
-        self.start_ckpt: Optional[Path] = None
+        source: Optional[Path] = None
+        full = verified = False
         if cfg.load:
             source, full = Path(cfg.load), True
         elif cfg.resume:
@@ -185,6 +187,52 @@ class Trainer:
                 print_rank0(f"resume: no complete checkpoint in {cfg.dir}; starting from scratch")
         if source is None and cfg.init_from:
             source, full = Path(cfg.init_from), False
+        if source is None and cfg.init_from_hf:
+            from engine.hf_import import init_from_hf_checkpoint
+
+            source, full = init_from_hf_checkpoint(self.cfg), False
+        return source, full, verified
+
+    def _restore_quantizers(self, chunks: List[torch.nn.Module], source: Optional[Path]) -> List[torch.nn.Module]:
+        """Quantization-aware training (``precision.qat``): the starting checkpoint must be
+        quantized to that format, and its modelopt quantizers are restored into the bare
+        chunks here, before DDP and the optimizer see them. Any mismatch between the run's
+        ``precision.qat`` and the checkpoint's is refused in one line (ConfigError)."""
+        wanted = self.cfg.precision.qat
+        if source is not None and not (source / ckpt_lib.META).is_file():
+            return chunks  # not a complete checkpoint: _maybe_load says so
+        saved = modelopt_state.quantization_format(source) if source is not None else None
+        if wanted != saved:
+            if source is None:
+                raise ConfigError(
+                    f"precision.qat={wanted} fine-tunes a quantized model: set checkpoint.init_from to a "
+                    f"checkpoint written by `python -m engine quantize --format {wanted}`"
+                )
+            if saved is None:
+                raise ConfigError(
+                    f"precision.qat={wanted} but {source} is not quantized; quantize it first "
+                    f"(python -m engine quantize {source} OUT --format {wanted} ...)"
+                )
+            if wanted is None:
+                raise ConfigError(
+                    f"{source} is a quantized ({saved}) model: set precision.qat={saved} to train it "
+                    "through its quantizers"
+                )
+            raise ConfigError(f"precision.qat={wanted} but {source} is quantized as {saved}")
+        if wanted is None or source is None:
+            return chunks
+        chunks = modelopt_state.restore(chunks, source)
+        print_rank0(f"quantization-aware training: {wanted} quantizers restored from {source}")
+        return chunks
+
+    def _maybe_load(self, source: Optional[Path], full: bool, verified: bool) -> None:
+        """Resume, load or initialise from ``source`` (``_select_source``), after the timeline checks.
+
+        Refused (CheckpointError, before anything is written): resuming/loading a checkpoint
+        whose iteration is beyond ``training.steps``, and any run whose ``checkpoint.dir``
+        holds complete checkpoints newer than the iteration it starts from (they belong to
+        another timeline that this run would interleave with and prune)."""
+        self.start_ckpt: Optional[Path] = None
         start = 0
         if source is not None and full and (source / ckpt_lib.META).is_file():
             start = ckpt_lib.read_meta(source)["iteration"]

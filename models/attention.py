@@ -12,8 +12,9 @@ and without TransformerEngine.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
+
+from models.performance import sdpa_context
 
 
 class SDPAAttention(MegatronModule):
@@ -39,8 +42,11 @@ class SDPAAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        sdpa_backends: Optional[List[str]] = None,
     ):
         super().__init__(config=config)
+        # Backend names in priority order (models.performance.sdpa_backend_order); None: torch's choice.
+        self.sdpa_backends = sdpa_backends
         if config.context_parallel_size != 1:
             raise ValueError("context parallelism needs TransformerEngine attention")
         self.layer_number = max(1, layer_number)
@@ -119,7 +125,8 @@ class SDPAAttention(MegatronModule):
                 mask = mask & self._causal(sq, sk, q.device)
                 causal = False
         dropout = self.dropout_p if self.training else 0.0
-        with tensor_parallel.get_cuda_rng_tracker().fork():
+        backends = sdpa_context(self.sdpa_backends) or contextlib.nullcontext()
+        with tensor_parallel.get_cuda_rng_tracker().fork(), backends:
             out = F.scaled_dot_product_attention(
                 q,
                 k,

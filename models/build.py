@@ -12,7 +12,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
-from engine.config import Config, ConfigError, ModelConfig, ParallelConfig
+from engine.config import Config, ConfigError, ModelConfig, ParallelConfig, PerformanceConfig
+from models import performance as perf_lib
 from models.params import active_parameters
 from models.specs import layer_spec
 
@@ -51,13 +52,17 @@ def transformer_config(
     recompute: str = "none",
     on_cpu: Optional[bool] = None,
     fp8: Optional[Dict[str, Any]] = None,
+    performance: Optional[PerformanceConfig] = None,
 ) -> TransformerConfig:
     """megatron-core ``TransformerConfig`` for ``model`` under ``parallel``.
 
-    On CPU the CUDA-only fusions are off and weights are initialised on the CPU. ``fp8`` holds
-    the FP8 fields (``Fp8Fields.transformer_kwargs``), None for no FP8."""
+    The jit fusions follow ``performance`` (defaults: on with CUDA, off on CPU) and weights
+    are initialised on the CPU without CUDA. ``fp8`` holds the FP8 fields
+    (``Fp8Fields.transformer_kwargs``), None for no FP8."""
     if on_cpu is None:
         on_cpu = not torch.cuda.is_available()
+    if performance is None:
+        performance = PerformanceConfig()
     swiglu = model.activation == "swiglu"
     # Keyword arguments of megatron-core's TransformerConfig: values of many types (ints, dtypes,
     # callables, tuples), checked by the dataclass itself.
@@ -90,9 +95,10 @@ def transformer_config(
         # Loss is normalised by the valid tokens of the whole global batch (finalize_model_grads).
         calculate_per_token_loss=True,
         use_cpu_initialization=on_cpu,
-        bias_activation_fusion=not on_cpu and (swiglu or model.add_bias),
+        # SDPAAttention replaces megatron's softmax, so masked_softmax_fusion only matters for
+        # the TE spec's fallbacks; it needs megatron's CUDA extension.
         masked_softmax_fusion=not on_cpu,
-        bias_dropout_fusion=not on_cpu,
+        **perf_lib.fusion_kwargs(performance, on_cpu, swiglu or model.add_bias, dtype),
         apply_rope_fusion=False,  # needs TE or apex kernels; the torch path is exact
         gradient_accumulation_fusion=False,  # needs apex/TE fused wgrad kernels
         persist_layer_norm=False,
@@ -118,6 +124,17 @@ def transformer_config(
     return TransformerConfig(**kwargs)
 
 
+def describe_fusions(config: TransformerConfig) -> str:
+    """For the log: which of megatron-core's jit fusions are on."""
+    names = {
+        "bias_activation_fusion": "bias-activation",
+        "bias_dropout_fusion": "bias-dropout-add",
+        "cross_entropy_loss_fusion": "cross-entropy (native)",
+    }
+    on = [label for field, label in names.items() if getattr(config, field)]
+    return "jit fusions: " + (", ".join(on) if on else "none")
+
+
 @dataclass
 class BuiltModel:
     """Model chunks of this rank and how they were built."""
@@ -141,11 +158,19 @@ def build_gpt_chunks(
             "(pass fp8=engine.precision.resolve_fp8(cfg))"
         )
     tf_config = transformer_config(
-        cfg.model, cfg.parallel, dtype, cfg.training.recompute, fp8=fp8.transformer_kwargs() if fp8 else None
+        cfg.model,
+        cfg.parallel,
+        dtype,
+        cfg.training.recompute,
+        fp8=fp8.transformer_kwargs() if fp8 else None,
+        performance=cfg.performance,
     )
-    spec, description = layer_spec(cfg.model, use_te, cfg.parallel.sequence_parallel)
+    spec, description = layer_spec(
+        cfg.model, use_te, cfg.parallel.sequence_parallel, performance=cfg.performance, dtype=dtype
+    )
     if fp8:
         description += f"; {fp8.describe()}"
+    description += "; " + describe_fusions(tf_config)
     vp = cfg.parallel.virtual_pipeline
     chunks = []
     for stage in range(vp or 1):
@@ -162,8 +187,26 @@ def build_gpt_chunks(
             rotary_base=cfg.model.rotary_base,  # a float theta must not be truncated
             vp_stage=vp_stage,
         )
+        _cast_parameters(model, dtype)
         chunks.append(model)
+    if cfg.performance.compile_layers:
+        description += f"; torch.compile on {perf_lib.compile_layers(chunks)} layers"
     return BuiltModel(chunks=chunks, config=tf_config, spec_description=description)
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating parameter in ``dtype``, as Megatron-LM's Float16Module makes it.
+
+    Without TE, megatron-core's torch norms (and GPT-2's learned position embeddings) are
+    created in fp32 whatever ``params_dtype`` says. A bf16 model with fp32 norms breaks
+    megatron-core 0.16.1's distributed optimizer when it gathers its state for a checkpoint:
+    its param-to-state map assumes one dtype per parameter group, so a norm's state lands
+    on the embedding's slot and the save fails with a size mismatch. Parameters only:
+    buffers such as RoPE frequencies keep their precision."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
 
 
 @dataclass

@@ -64,6 +64,9 @@ __all__ = [
     "IGNORED_BUFFER_SUFFIXES",
     "hf_family",
     "hf_config",
+    "hf_config_family",
+    "model_config_from_hf",
+    "architecture_differences",
     "hf_model_class",
     "megatron_to_hf",
     "hf_to_megatron",
@@ -264,6 +267,160 @@ def _with_v4_rope_keys(config: PretrainedConfig, model_cfg: ModelConfig) -> Pret
     no RoPE scaling, so ``rope_scaling`` stays absent (4.x reads that as no scaling)."""
     config.rope_theta = float(model_cfg.rotary_base)
     return config
+
+
+# --------------------------------------------------------------------------------------
+# Hugging Face config -> ModelConfig (the inverse of hf_config)
+# --------------------------------------------------------------------------------------
+
+# Hugging Face architecture (``config.json`` ``architectures[0]``, else ``model_type``) -> family.
+HF_ARCHITECTURES: Dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "GPT2LMHeadModel": "gpt2",
+    "MixtralForCausalLM": "mixtral",
+}
+_MODEL_TYPES = {"llama": "llama", "gpt2": "gpt2", "mixtral": "mixtral"}
+# GPT-2 activations that are the tanh approximation the engine's gelu computes.
+_GPT2_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+def hf_config_family(config: Mapping[str, Any]) -> str:
+    """The family of a ``config.json`` dict, or ``ConversionError`` naming its architecture
+    and the supported ones."""
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[arch]
+    if not archs and config.get("model_type") in _MODEL_TYPES:
+        return _MODEL_TYPES[config["model_type"]]
+    name = ", ".join(archs) or f"model_type {config.get('model_type')!r}"
+    raise ConversionError(f"unsupported Hugging Face architecture {name}; supported: {', '.join(HF_ARCHITECTURES)}")
+
+
+def _rope_theta(config) -> float:
+    """RoPE theta of a transformers 4.x (``rope_theta`` + ``rope_scaling``) or 5.x
+    (``rope_parameters``) config; scaled RoPE variants have no engine equivalent."""
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ConversionError(f"RoPE type {kind!r} is not supported (the engine has unscaled RoPE only)")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    if theta is None:
+        raise ConversionError("the config has no rope_theta")
+    return float(theta)
+
+
+def model_config_from_hf(config) -> ModelConfig:
+    """The ``ModelConfig`` of the network a transformers config (``AutoConfig`` of a LLaMA,
+    GPT-2 or Mixtral checkpoint) describes: the inverse of ``hf_config``. Features the
+    engine cannot build (scaled RoPE, another activation, biases on only some layers) raise
+    ``ConversionError`` naming them. Training-only settings (dropout, init) are copied."""
+    family = hf_config_family(config.to_dict())
+    c = config
+    if family == "gpt2":
+        if c.activation_function not in _GPT2_TANH_GELU:
+            raise ConversionError(f"GPT-2 activation {c.activation_function!r} is not the tanh GELU the engine uses")
+        if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx:
+            raise ConversionError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
+        return ModelConfig(
+            num_layers=c.n_layer,
+            hidden_size=c.n_embd,
+            num_attention_heads=c.n_head,
+            ffn_hidden_size=c.n_inner or 4 * c.n_embd,
+            vocab_size=c.vocab_size,
+            max_seq_length=c.n_positions,
+            position_embedding="learned_absolute",
+            normalization="LayerNorm",
+            norm_epsilon=c.layer_norm_epsilon,
+            activation="gelu",
+            add_bias=True,
+            tie_embeddings=bool(c.tie_word_embeddings),
+            init_std=c.initializer_range,
+            hidden_dropout=c.resid_pdrop,
+            attention_dropout=c.attn_pdrop,
+        )
+    if c.hidden_act != "silu":
+        raise ConversionError(f"{family} activation {c.hidden_act!r} is not supported (the engine's SwiGLU uses silu)")
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    groups = getattr(c, "num_key_value_heads", None) or heads
+    attn_bias, mlp_bias = bool(getattr(c, "attention_bias", False)), bool(getattr(c, "mlp_bias", False))
+    if attn_bias != mlp_bias:
+        raise ConversionError(
+            f"attention_bias={attn_bias} with mlp_bias={mlp_bias}: the engine has biases everywhere or nowhere"
+        )
+    fields: Dict[str, Any] = dict(
+        num_layers=c.num_hidden_layers,
+        hidden_size=c.hidden_size,
+        num_attention_heads=heads,
+        num_query_groups=groups if groups != heads else None,
+        kv_channels=head_dim if head_dim * heads != c.hidden_size else None,
+        ffn_hidden_size=c.intermediate_size,
+        vocab_size=c.vocab_size,
+        max_seq_length=c.max_position_embeddings,
+        position_embedding="rope",
+        rotary_base=_rope_theta(c),
+        normalization="RMSNorm",
+        norm_epsilon=c.rms_norm_eps,
+        activation="swiglu",
+        add_bias=attn_bias,
+        tie_embeddings=bool(c.tie_word_embeddings),
+        init_std=c.initializer_range,
+        attention_dropout=c.attention_dropout,
+    )
+    if family == "mixtral":
+        fields.update(
+            num_experts=c.num_local_experts,
+            moe_router_topk=c.num_experts_per_tok,
+            moe_ffn_hidden_size=c.intermediate_size,
+            moe_aux_loss_coeff=c.router_aux_loss_coef,
+            # Mixtral's one window applies to every layer.
+            sliding_window=c.sliding_window or 0,
+            sliding_window_layers="all",
+        )
+    return ModelConfig(**fields)
+
+
+ARCHITECTURE_FIELDS: Tuple[str, ...] = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "query_groups",
+    "head_dim",
+    "ffn_hidden_size",
+    "vocab_size",
+    "position_embedding",
+    "rotary_base",
+    "normalization",
+    "norm_epsilon",
+    "activation",
+    "add_bias",
+    "tie_embeddings",
+    "num_experts",
+    "moe_router_topk",
+    "expert_ffn_hidden_size",
+    "window_layers",
+    "sliding_window",
+)
+"""The facts that make two ModelConfigs the same network (what a Hugging Face import checks)."""
+
+
+def architecture_differences(a: ModelConfig, b: ModelConfig) -> List[str]:
+    """``name: a != b`` for every architecture fact (``ARCHITECTURE_FIELDS``, plus the
+    positions table of learned positions) on which ``a`` and ``b`` differ."""
+    names = list(ARCHITECTURE_FIELDS)
+    if "learned_absolute" in (a.position_embedding, b.position_embedding):
+        names.append("max_seq_length")
+    out = []
+    for name in names:
+        va, vb = getattr(a, name), getattr(b, name)
+        va, vb = (va() if callable(va) else va), (vb() if callable(vb) else vb)
+        if name == "ffn_hidden_size" and a.num_experts and b.num_experts:
+            continue  # every layer is an MoE layer: the dense width builds nothing
+        if va != vb:
+            out.append(f"{name}: {va} != {vb}")
+    return out
 
 
 # --------------------------------------------------------------------------------------

@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-from typing import Tuple
+from typing import Optional, Tuple
 
+import torch
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ConfigError, ModelConfig, PerformanceConfig
+from models import performance as perf_lib
 from models.te import transformer_engine_available
 
 
 def layer_spec(
-    model: ModelConfig, use_te: bool | None = None, sequence_parallel: bool = False
+    model: ModelConfig,
+    use_te: bool | None = None,
+    sequence_parallel: bool = False,
+    performance: Optional[PerformanceConfig] = None,
+    dtype: torch.dtype = torch.bfloat16,
 ) -> Tuple[ModuleSpec, str]:
     """Return ``(spec, description)`` for one transformer layer of ``model``.
 
     The description names the layer implementation and attention backend, for the log.
     Sequence parallelism on the torch-native spec is refused here, before any layer exists:
-    megatron-core's torch-norm fallback (no apex) cannot shard norms along the sequence."""
+    megatron-core's torch-norm fallback (no apex) cannot shard norms along the sequence.
+    ``performance`` picks the torch-native spec's SDPA backend order (probed on the GPU for
+    ``dtype``) and RMSNorm kernel; the TE spec has its own kernels."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     num_experts = model.num_experts or None
@@ -41,6 +49,17 @@ def layer_spec(
     spec = specs.get_gpt_layer_local_spec(
         num_experts=num_experts, moe_grouped_gemm=False, normalization=model.normalization
     )
+    perf = performance or PerformanceConfig()
     spec = copy.deepcopy(spec)
-    spec.submodules.self_attention.submodules.core_attention = SDPAAttention
-    return spec, "torch-native megatron-core layers, attention torch.nn.functional.scaled_dot_product_attention"
+    order, attention = perf_lib.sdpa_backend_order(
+        perf, model.head_dim, model.num_attention_heads, model.query_groups, dtype
+    )
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
+        module=SDPAAttention, params={"sdpa_backends": order}
+    )
+    norm = perf_lib.rms_norm_class(perf) if model.normalization == "RMSNorm" else None
+    if norm is not None:
+        spec.submodules.input_layernorm = norm
+        spec.submodules.pre_mlp_layernorm = norm
+    norm_note = "liger-kernel RMSNorm" if norm is not None else f"torch {model.normalization}"
+    return spec, f"torch-native megatron-core layers, attention {attention}, {norm_note}"

@@ -122,9 +122,11 @@ class ChatMLTemplate(ChatTemplate):
 
     def to_jinja(self) -> str:
         # EOS closes a conversation rendered without a generation prompt, as in segments().
+        # A newline right after a block tag is written as an expression: transformers renders
+        # with trim_blocks, which would drop it.
         return (
             "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-            "{% if m.get('input') %}\n\n{{ m['input'] }}{% endif %}<|im_end|>\n{% endfor %}"
+            "{% if m.get('input') %}{{ '\\n\\n' + m['input'] }}{% endif %}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% else %}{{ eos_token }}{% endif %}"
         )
 
@@ -175,16 +177,18 @@ class AlpacaTemplate(ChatTemplate):
             return "{{ '" + text.replace("\n", "\\n") + "' }}"
 
         # As segments(): the preamble with "Input" when the first user message has an input,
-        # and no separator after the last response of a conversation that ends there.
+        # and no separator after the last response of a conversation that ends there. No
+        # newline right after a block tag (transformers renders with trim_blocks).
         return (
             "{% set users = messages | selectattr('role', 'equalto', 'user') | list %}"
             "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}\n\n"
             "{% elif users and users[0].get('input') %}" + literal(ALPACA_PREAMBLE_INPUT) + ""
             "{% else %}" + literal(ALPACA_PREAMBLE) + "{% endif %}"
             "{% for m in messages %}{% if m['role'] == 'user' %}### Instruction:\n{{ m['content'] }}"
-            "{% if m.get('input') %}\n\n### Input:\n{{ m['input'] }}{% endif %}\n\n### Response:\n"
+            "{% if m.get('input') %}{{ '\\n\\n### Input:\\n' + m['input'] }}{% endif %}"
+            "{{ '\\n\\n### Response:\\n' }}"
             "{% elif m['role'] == 'assistant' %}{{ m['content'] }}{{ eos_token }}"
-            "{% if add_generation_prompt or not loop.last %}\n\n{% endif %}{% endif %}{% endfor %}"
+            "{% if add_generation_prompt or not loop.last %}{{ '\\n\\n' }}{% endif %}{% endif %}{% endfor %}"
         )
 
 

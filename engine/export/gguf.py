@@ -476,6 +476,7 @@ def convert_hf_dir(
     fmt = ollama.chat_format(template, eos_piece)
     eot = _end_of_turn(gen_config, vocab, fmt)
     sampling = ollama.sampling_parameters(gen_config)
+    modelfile_text = ollama.modelfile_text(out.name, fmt, eos_piece, sampling, hp.n_ctx)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -498,7 +499,8 @@ def convert_hf_dir(
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             for t in _progress(planned, progress):
-                # One tensor in memory at a time: a 3B model converts in about its f32 layer size.
+                # One tensor in memory at a time: the working set is the largest tensor in f32
+                # and its converted copy (the source shards are memory-mapped).
                 writer.write_tensor_data(gguf.quants.quantize(t.load(), t.qtype))
             writer.close()
             tmp.replace(out)
@@ -507,7 +509,7 @@ def convert_hf_dir(
             tmp.unlink(missing_ok=True)
             raise
     modelfile = out.parent / "Modelfile"
-    ollama.write_modelfile(modelfile, ollama.modelfile_text(out.name, fmt, eos_piece, sampling, hp.n_ctx))
+    ollama.write_modelfile(modelfile, modelfile_text)
     return GGUFResult(out, modelfile, out_type, len(planned), total, fmt.name, vocab.tokenization_caveats)
 
 

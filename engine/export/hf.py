@@ -127,7 +127,7 @@ def check_window(cfg: "Config", allow_mismatch: bool) -> Optional[str]:
     family = hf_family(m)
     if family == "mixtral" and m.sliding_window_layers == "all":
         return None
-    where = f"on {m.sliding_window_layers} layers only" if family == "mixtral" else "at all"
+    where = "applies one window to every layer or none" if family == "mixtral" else "has no sliding window"
     consequence = (
         f"full causal attention on every layer: the same logits up to {m.sliding_window} tokens of context, "
         "different beyond"
@@ -135,8 +135,8 @@ def check_window(cfg: "Config", allow_mismatch: bool) -> Optional[str]:
     if allow_mismatch:
         return consequence
     raise ExportError(
-        f"the model has a {m.sliding_window}-token sliding window on {m.sliding_window_layers} layers, which "
-        f"transformers' {family} cannot express {where}; --allow-sliding-window-mismatch exports it with {consequence}"
+        f"the model has a {m.sliding_window}-token sliding window on {m.sliding_window_layers} layers; transformers' "
+        f"{family} {where}, so it cannot express that; --allow-sliding-window-mismatch exports it with {consequence}"
     )
 
 
@@ -334,11 +334,30 @@ def _versions() -> Dict[str, str]:
     return {"engine": engine.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def _progress(total: int):
-    from tqdm import tqdm
+class _Stages:
+    """Progress over the export's stages: a tqdm bar on a terminal, one plain line per stage
+    in a log file (the stages take seconds to minutes each, a bar would say nothing more)."""
 
-    # Plain lines in a log file (no carriage-return bars), a live bar on a terminal.
-    return tqdm(total=total, desc="export hf", mininterval=1.0, file=sys.stderr, disable=None, dynamic_ncols=True)
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc="export hf", mininterval=1.0, file=sys.stderr, disable=not self.tty)
+        self.done = 0
+
+    def start(self, name: str) -> None:
+        if self.done:
+            self.bar.update()
+        self.done += 1
+        if self.tty:
+            self.bar.set_postfix_str(name)
+        else:
+            print(f"export hf [{self.done}/{self.bar.total}]: {name}", file=sys.stderr, flush=True)
+
+    def close(self, finished: bool = False) -> None:
+        if finished:
+            self.bar.update((self.bar.total or 0) - self.bar.n)
+        self.bar.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -401,13 +420,12 @@ def export_hf(
     vocab = cfg.model.vocab_size
 
     tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    bar = _progress(5)
+    bar = _Stages(5)
     try:
-        bar.set_postfix_str("loading the checkpoint")
-        loaded = model_io.load_model(ckpt, torch.float32)
+        bar.start("loading the checkpoint")
+        loaded = _load(ckpt)
         iteration, chunks = loaded.iteration, loaded.chunks
-        bar.update()
-        bar.set_postfix_str("engine logits")
+        bar.start("engine logits")
         model = chunks[0]
         if torch_dtype != torch.float32:
             _round_to(model, torch_dtype)
@@ -415,8 +433,7 @@ def export_hf(
         sd = _drain_weights(model, torch_dtype)
         del model, chunks, loaded
         gc.collect()
-        bar.update()
-        bar.set_postfix_str("mapping and saving")
+        bar.start("mapping and saving")
         try:
             hf_sd = megatron_to_hf(sd, cfg.model, allow_sliding_window_mismatch=allow_sliding_window_mismatch)
         except ConversionError as exc:
@@ -434,10 +451,9 @@ def export_hf(
         _patch_config_json(tmp / "config.json", {"bf16": "bfloat16", "fp32": "float32"}[dtype])
         if tok is not None:
             write_tokenizer(tok, template.to_jinja(), tmp, cfg.model.max_seq_length)
-        bar.update()
-        bar.set_postfix_str("exported model logits")
+        bar.start("exported model logits")
         diff = _exported_diff(tmp, cfg, prompt, engine_logits)
-        bar.update()
+        bar.start("engine_export.json")
         info = {
             "source": {"checkpoint": str(ckpt), "iteration": iteration, "layout": _saved_layout(ckpt)},
             "lineage": ckpt_lib.read_lineage(ckpt),
@@ -467,15 +483,31 @@ def export_hf(
                 f"parity failed: the exported model's logits differ from the engine's by {diff:.3e} "
                 f"> {parity_tol:.0e}; nothing was written to {out}"
             )
-        bar.set_postfix_str("done")
-        bar.update()
-        bar.close()
+        bar.close(finished=True)
         tmp.rename(out)
     except BaseException:
         bar.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return info
+
+
+def _load(ckpt: Path):
+    """``model_io.load_model`` in fp32; weights that do not fit the model the checkpoint's
+    config.yaml describes (another architecture's checkpoint) are one ExportError line."""
+    import torch
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from engine import model_io
+
+    try:
+        return model_io.load_model(ckpt, torch.float32)
+    except (CheckpointingException, CheckpointException, KeyError, RuntimeError) as exc:
+        # torch's CheckpointException wraps the rank's traceback: its last line is the cause.
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        cause = lines[-1] if lines else type(exc).__name__
+        raise ExportError(f"{ckpt}: its weights do not fit the model its config.yaml describes ({cause})") from None
 
 
 def _saved_layout(ckpt: Path) -> Dict[str, Any]:

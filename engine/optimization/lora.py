@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, Sequence
 
@@ -99,10 +100,35 @@ def _add_dropout(module: torch.nn.Module, p: float) -> None:
     module.register_forward_pre_hook(hook)
 
 
-def add_adapters(chunks: Sequence[torch.nn.Module], lora: LoraConfig) -> int:
+def _init_a(chunk: torch.nn.Module, seed: int) -> None:
+    """Draw every ``A`` from a generator keyed on ``seed``, the global layer number and the
+    module's name, as the whole (unsharded) matrix, and keep this rank's shard: the same
+    adapters at every TP/PP layout (modelopt draws them from the global RNG stream, whose
+    position depends on which layers a pipeline stage builds). Kaiming-uniform over the full
+    input width, as modelopt's default ``lora_a_init``."""
+    from megatron.core import parallel_state as ps
+
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    for layer in chunk.modules():
+        number = getattr(layer, "layer_number", None)
+        if not isinstance(number, int) or not hasattr(layer, "mlp"):  # a TransformerLayer
+            continue
+        for name, module, adapter in lora_modules(layer):
+            a = adapter["lora_a"].weight
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{number}.{name}".encode()))
+            full = torch.empty(a.shape[0], module.input_size, dtype=torch.float32)
+            torch.nn.init.kaiming_uniform_(full, generator=gen)
+            width = a.shape[1]  # the full width (replicated A) or this rank's columns (row-parallel)
+            start = 0 if width == module.input_size else tp_rank * width
+            with torch.no_grad():
+                a.copy_(full[:, start : start + width])
+
+
+def add_adapters(chunks: Sequence[torch.nn.Module], lora: LoraConfig, seed: int = 0) -> int:
     """Put ``lora``'s adapters on every model chunk (before DDP wraps them); returns how many
-    linears got one. Freezes everything else. Raises when a chunk got no adapter (modelopt
-    adds none silently when nothing matches) or when anything but the adapters is trainable."""
+    linears got one. ``A`` is drawn from ``seed`` independently of the layout, ``B`` is zero.
+    Freezes everything else. Raises when a chunk got no adapter (modelopt adds none silently
+    when nothing matches) or when anything but the adapters is trainable."""
     mtpeft = _peft()
     count = 0
     for i, chunk in enumerate(chunks):
@@ -118,6 +144,7 @@ def add_adapters(chunks: Sequence[torch.nn.Module], lora: LoraConfig) -> int:
         found = list(lora_modules(chunk))
         if not found:
             raise RuntimeError(f"modelopt added no LoRA adapter to model chunk {i} (targets {lora.target_modules})")
+        _init_a(chunk, seed)
         if lora.dropout > 0:
             for _, _, adapter in found:
                 _add_dropout(adapter["lora_a"], lora.dropout)
@@ -238,12 +265,13 @@ class LoraWeights:
             raise ConfigError("LoraWeights needs finetune.lora and checkpoint.init_from")
         _peft()  # the install hint before anything is built
         self.lora = cfg.finetune.lora
+        self.seed = cfg.training.seed
         self.base = Path(cfg.checkpoint.init_from)
         self.reference = base_reference(self.base)
 
     def apply(self, chunks: Sequence[torch.nn.Module]) -> str:
         """Add the adapters to ``chunks`` (before DDP); returns a line for the log."""
-        n = add_adapters(chunks, self.lora)
+        n = add_adapters(chunks, self.lora, self.seed)
         lo = self.lora
         return (
             f"LoRA: rank {lo.rank}, alpha {lo.alpha}, dropout {lo.dropout} on {n} linears "

@@ -17,9 +17,12 @@ def test_breakdown_shares(tmp_path):
         ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>", 700, 150),
         ("void at::native::vectorized_elementwise_kernel<4, silu>", 850, 100),
         ("void at::native::reduce_kernel<512, 1, rms_norm>", 950, 50),
+        ("void at::native::(anonymous namespace)::fused_adamw_kernel<float>", 1000, 60),
+        ("void at::native::multi_tensor_apply_kernel<FusedOptimizerTensorListMetadata<4>>", 1060, 20),
+        ("ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)", 1080, 20),
     ]
     events = [{"cat": "kernel", "name": n, "ts": ts, "dur": d} for n, ts, d in kernels]
-    events.append({"name": "ProfilerStep#5", "ts": 0, "dur": 1250, "cat": "user_annotation"})
+    events.append({"name": "ProfilerStep#5", "ts": 0, "dur": 1350, "cat": "user_annotation"})
     trace = tmp_path / "trace.json"
     trace.write_text(json.dumps({"traceEvents": events}))
     out = subprocess.run(
@@ -28,8 +31,31 @@ def test_breakdown_shares(tmp_path):
         text=True,
         check=True,
     ).stdout
-    assert "GPU kernel time 1.0 ms, window wall time 1.2 ms" in out  # 1000 us of 1250 us
-    shares = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:4]}
-    assert shares == {"gemm": "70.0%", "attention": "15.0%", "other": "15.0%"}
-    # other kernels 150 us + idle 250 us of 1250 us wall
-    assert "outside GEMM and attention (other kernels + GPU idle): 32.0% of wall time" in out
+    assert "GPU kernel time 1.1 ms, window wall time 1.4 ms" in out  # 1100 us of 1350 us
+    shares = {line.split()[0]: line.split()[3] for line in out.splitlines()[1:6]}
+    assert shares == {
+        "gemm": "63.6%",  # 700 / 1100
+        "attention": "13.6%",
+        "optimizer": "7.3%",  # fused AdamW + multi-tensor (grad norm) 80 us
+        "communication": "1.8%",
+        "other": "13.6%",
+    }
+    # optimizer 80 + communication 20 + other 150 us + idle 250 us of 1350 us wall
+    assert "outside GEMM and attention (other kernels + GPU idle): 37.0% of wall time" in out
+
+
+def test_cpu_only_trace_is_broken_down_by_cpu_ops(tmp_path):
+    sys.path.insert(0, str(REPO / "examples"))
+    from kernel_breakdown import breakdown
+
+    events = [
+        {"cat": "cpu_op", "name": "aten::addmm", "ts": 0, "dur": 30},
+        {"cat": "cpu_op", "name": "aten::_scaled_dot_product_flash_attention_for_cpu", "ts": 30, "dur": 10},
+        {"cat": "cpu_op", "name": "aten::_fused_adamw_", "ts": 40, "dur": 5},
+        {"cat": "cpu_op", "name": "c10d::allreduce_", "ts": 45, "dur": 5},
+    ]
+    trace = tmp_path / "cpu.json"
+    trace.write_text(json.dumps({"traceEvents": events}))
+    by_class, wall, top, source = breakdown(str(trace))
+    assert source == "cpu_ops" and wall == 50
+    assert by_class == {"gemm": 30, "attention": 10, "optimizer": 5, "communication": 5, "other": 0}

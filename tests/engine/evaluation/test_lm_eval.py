@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 from tests.conftest import REPO
@@ -39,8 +38,6 @@ def _export(ckpt, out):
 
 
 def test_lm_eval_local_task_on_exported_model(trained_checkpoint, tmp_path, monkeypatch):
-    # lm_eval's HFLM imports accelerate (lm_eval's [hf] extra).
-    pytest.importorskip("accelerate", reason="lm_eval's HF backend needs accelerate: install lm_eval[hf]")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager

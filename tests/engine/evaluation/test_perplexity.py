@@ -101,7 +101,6 @@ def test_bad_eval_input_is_one_line(two_checkpoints, tmp_path):
 def test_generation_metrics_of_greedy_answers_match_transformers(two_checkpoints, tmp_path):
     """`eval --prompts`: each prompt a user turn of the chat template, greedy; the metrics equal
     those of transformers' own greedy `generate` on the converted model."""
-    pytest.importorskip("engine.inference")
     from engine.data.chat_template import get_chat_template
     from engine.data.tokenizer import load_tokenizer
     from engine.evaluation.generation_metrics import Generation, generation_stats

@@ -14,16 +14,15 @@ import json
 import shutil
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
-
-from engine.cli import main as cli_main  # noqa: E402
-from engine.data.chat_template import get_chat_template  # noqa: E402
-from engine.export import gguf as G  # noqa: E402
-from engine.export import ollama  # noqa: E402
+from engine.cli import main as cli_main
+from engine.data.chat_template import get_chat_template
+from engine.export import gguf as G
+from engine.export import ollama
 
 VOCAB = 1024  # the session tokenizer has 1000 pieces: 24 padding rows
 SEQ = 24

@@ -201,8 +201,9 @@ def test_training_moves_only_adapters_which_alone_are_saved(lora_run):
     assert meta["lora_base"]["path"] == str(base.resolve())
 
 
-def test_merged_checkpoint_equals_adapter_model(lora_run, tmp_path):
+def test_merged_checkpoint_equals_adapter_model(lora_run, tmp_path, capsys):
     from engine import checkpoint as ckpt_lib
+    from engine.cli import main
     from engine.model_io import load_model
     from engine.optimization import lora as lora_lib
 
@@ -211,8 +212,9 @@ def test_merged_checkpoint_equals_adapter_model(lora_run, tmp_path):
     tokens = torch.randint(0, 1000, (2, 32), generator=torch.Generator().manual_seed(0))
     _, chunks = lora_lib.load_adapter_model(ckpt)
     adapted = _logits(chunks[0], tokens)
-    merged_ckpt = lora_lib.merge_checkpoint(run_dir, tmp_path / "merged")
-    assert merged_ckpt == tmp_path / "merged" / "checkpoints" / "iter_0000004"
+    assert main(["merge-lora", str(run_dir), str(tmp_path / "merged")]) == 0  # the command, in process
+    merged_ckpt = tmp_path / "merged" / "checkpoints" / "iter_0000004"
+    assert f"into {merged_ckpt}" in capsys.readouterr().out
     merged = load_model(merged_ckpt)  # a normal checkpoint: the plain loader takes it
     assert merged.cfg.finetune.lora is None
     assert torch.allclose(_logits(merged.model, tokens), adapted, atol=1e-5, rtol=0)
@@ -229,7 +231,8 @@ def test_merged_checkpoint_equals_adapter_model(lora_run, tmp_path):
         load_model(ckpt)
 
 
-def test_missing_or_other_base_is_refused_in_one_line(lora_run, tmp_path):
+def test_missing_or_other_base_is_refused_in_one_line(lora_run, tmp_path, capsys):
+    from engine.cli import main
     from engine.optimization import lora as lora_lib
 
     run_dir, base, _, _ = lora_run
@@ -249,6 +252,10 @@ def test_missing_or_other_base_is_refused_in_one_line(lora_run, tmp_path):
         lora_lib.check_base(ckpt, tmp_path / "gone")
     with pytest.raises(ConfigError, match=r"is not a LoRA adapter checkpoint"):
         lora_lib.check_base(base)
+    assert main(["merge-lora", str(ckpt), str(tmp_path / "out"), "--base", str(other)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("config error: ") and "its weights differ" in err and "\n" not in err
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 @pytest.mark.slow
