@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 from typing import List, Optional
@@ -63,6 +64,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "full scope is deprecated.*",
     ):
         warnings.filterwarnings("ignore", message=notice)
+    if not sys.stderr.isatty():
+        # transformers' and huggingface_hub's bars (weight loading, shard writing) redraw with
+        # carriage returns: noise in a log file. Read when transformers is first imported.
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     from engine.config import ConfigError
 
     args = build_parser().parse_args(argv)

@@ -93,6 +93,20 @@ def register(formats) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from engine import model_io
+
+    ckpt = model_io.resolve_checkpoint(args.checkpoint)
+    qat = model_io.checkpoint_config(ckpt).precision.qat
+    if qat:  # a `python -m engine quantize` checkpoint: modelopt's exporter writes its format
+        from engine.optimization.quantize import export_quantized_checkpoint
+
+        export_quantized_checkpoint(ckpt, args.out_dir)
+        print(
+            f"exported the {qat}-quantized {ckpt} in modelopt's unified Hugging Face format to {args.out_dir} "
+            "(no logit parity check: transformers does not apply this format's scales; vLLM and "
+            "TensorRT-LLM read it)"
+        )
+        return 0
     info = export_hf(
         args.checkpoint,
         args.out_dir,
@@ -395,6 +409,11 @@ def export_hf(
         raise ExportError(f"{out} already exists; choose a new output directory")
     ckpt = model_io.resolve_checkpoint(checkpoint)
     cfg = model_io.checkpoint_config(ckpt)
+    if cfg.precision.qat:
+        raise ExportError(
+            f"{ckpt} is quantized (precision.qat={cfg.precision.qat}): `python -m engine export hf` writes it "
+            "through modelopt's exporter; the parity-checked export and GGUF take the unquantized checkpoint"
+        )
     try:
         approximation = check_window(cfg, allow_sliding_window_mismatch)
         tok = load_checkpoint_tokenizer(cfg)

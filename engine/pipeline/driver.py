@@ -46,12 +46,19 @@ def run_pipeline(
         return 0
     start = time.monotonic()
     failed: Optional[StageFailed] = None
+    spent = estimated = 0.0
     for i, s in enumerate(stages, 1):
         try:
-            runner.run(s, i, len(stages))
+            record = runner.run(s, i, len(stages))
         except StageFailed as exc:
             failed = exc
             break
+        if record["status"] == "ran" and i < len(stages):
+            # Re-estimate what is left at the pace measured so far on this machine (a loaded
+            # machine runs every stage slower by about the same factor).
+            spent, estimated = spent + record["seconds"], estimated + s.estimate_s
+            left = spent / estimated * sum(x.estimate_s for x in stages[i:])
+            runner.say(f"  ~{_minutes(left)} left at the measured pace ({spent / estimated:.1f} x the estimate)")
     elapsed = time.monotonic() - start
     report = write_report(cfg, out, stages, runner.results, elapsed, failed, config_path)
     if failed is not None:

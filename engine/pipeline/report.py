@@ -239,7 +239,11 @@ def _markdown(data: Dict[str, Any], plots: Dict[str, Path], lay: Layout) -> List
                 st.get("summary", ""),
             ]
         )
+    measured = sum(st.get("seconds") or 0 for st in data["stages"].values())
     blocks += [("h2", "Stages"), ("table", rows)]
+    blocks.append(
+        ("p", f"Sum of the stage times, each measured when the stage ran: {measured:.0f} s ({measured / 60:.1f} min).")
+    )
 
     if "loss" in plots:
         blocks += [("h2", "Loss curves (train and validation)"), ("img", "loss")]

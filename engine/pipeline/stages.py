@@ -27,7 +27,7 @@ from engine.pipeline.runner import REPO, Stage
 # Seconds per step of the tiny preset at TP=2 on 2 CPU processes and the fixed start-up of an
 # engine command (interpreter, torch and megatron-core imports, process groups), measured on
 # this project's 2-core machine; the plan's estimate, replaced by the measured time after a run.
-STARTUP_S = {"train": 20.0, "command": 10.0}
+STARTUP_S = {"train": 30.0, "command": 12.0}
 STEP_S = {"pretrain": 0.45, "sft": 0.5, "orpo": 1.0}
 
 
@@ -323,7 +323,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                 [engine_cmd("export", "hf", rel(final), rel(lay.hf), "--dtype", cfg.export.dtype)],
                 inputs=[final],
                 outputs=[lay.hf],
-                estimate_s=3 * STARTUP_S["command"],
+                estimate_s=2 * STARTUP_S["command"],
                 summarize=lambda: _export_summary(lay),
             )
         )
@@ -369,6 +369,10 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
         eval_prompts = lay.evaluation / "prompts.jsonl"
         all_prompts = list(dict.fromkeys([*cfg.generate.prompts, *cfg.eval.prompts]))
         datasets = [rel(lay.data / "pretrain"), rel(lay.data / "sft")]
+        # The generation metrics need the inference package (the generate command's).
+        gen_metrics = ["--prompts", rel(eval_prompts), "--max-new-tokens", str(cfg.eval.max_new_tokens)]
+        if not available("engine.inference"):
+            gen_metrics = []
         stages.append(
             Stage(
                 "eval",
@@ -382,10 +386,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                         *datasets,
                         "--split",
                         "valid",
-                        "--prompts",
-                        rel(eval_prompts),
-                        "--max-new-tokens",
-                        str(cfg.eval.max_new_tokens),
+                        *gen_metrics,
                         "--out",
                         rel(lay.evaluation / name),
                     )
@@ -394,7 +395,7 @@ def build_stages(cfg: PipelineConfig, out: Optional[Path] = None) -> List[Stage]
                 inputs=[*ckpts.values(), lay.data / "pretrain.bin", lay.data / "sft.bin"],
                 outputs=[lay.evaluation / name for name in ("pretrain", "sft", "orpo")],
                 settings={"prompts": all_prompts},
-                estimate_s=3 * (STARTUP_S["command"] + 0.2 * len(all_prompts) * cfg.eval.max_new_tokens),
+                estimate_s=3 * (STARTUP_S["command"] + 0.05 * len(all_prompts) * cfg.eval.max_new_tokens),
                 prepare=_prompts_writer(eval_prompts, all_prompts),
                 summarize=lambda: _eval_summary(lay),
             )

@@ -155,10 +155,18 @@ def test_quantize_command_fp8_and_hf_export(trained_checkpoint, post_training_da
     quant_cfg = json.loads((out / "hf" / "hf_quant_config.json").read_text())
     assert quant_cfg["quantization"]["quant_algo"] == "FP8"
 
-    # The same export again from the saved checkpoint (what `export hf` of it would call).
+    # The same export again from the saved checkpoint, through `export hf` (which hands a
+    # quantized checkpoint to modelopt's exporter); the parity-checked path refuses it.
     from safetensors.torch import load_file
 
-    again = q.export_quantized_checkpoint(out, tmp_path / "again")
+    from engine.cli import main as cli_main
+    from engine.export.hf import export_hf
+
+    again = tmp_path / "again"
+    assert cli_main(["export", "hf", str(out), str(again)]) == 0
+    with pytest.raises(ConfigError, match="is quantized"):
+        export_hf(out, tmp_path / "parity")
+    assert not (tmp_path / "parity").exists()
     for f in (out / "hf").glob("*.safetensors"):
         first, second = load_file(str(f)), load_file(str(again / f.name))
         assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
