@@ -90,3 +90,33 @@ def test_estimates_follow_measured_cells_and_compare_flags_differences():
     assert not bench_gpu.compare([[2.0, 1.0]], [[float("nan"), 1.0]], {"loss": 1, "grad_norm": 1})["ok"]
     with pytest.raises(SystemExit, match="switch set"):
         bench_gpu.parse_matrix("1:none:turbo")
+
+
+@pytest.mark.parametrize("reduced_ok", [True, False])
+def test_a_failing_on_set_is_bisected_and_measured_without_the_failing_switch(tmp_path, monkeypatch, reduced_ok):
+    """The GPU check's decision logic, with the children's verdicts stood in for: cuDNN
+    attention fails alone, everything else passes; "on" is then measured without it when
+    that reduced set passes, and refused when it does not."""
+    bench = _bench(tmp_path, argv=["--matrix", "1:none:off,1:none:on"])
+    runs = []
+
+    def fake_run(cfg_path, variants, overrides, tag):
+        runs.append(tag)
+        bench.equivalence["off"] = {"steps": [[1.0, 1.0]] * 5}
+        checks = bench.equivalence.setdefault("checks", {})
+        for name, extra in variants.items():
+            if name in ("off", "off_repeat"):
+                continue
+            bad = "performance.sdpa_backend=auto" in extra or name == "on"
+            if name == "on_reduced":
+                bad = not reduced_ok
+            checks[name] = {"ok": not bad}
+
+    monkeypatch.setattr(bench, "run_equivalence", fake_run)
+    bench.check_equivalence()
+    assert runs == ["equivalence", "bisect", "reduced"]
+    if reduced_ok:
+        assert bench.switch_sets["on"] == ["performance.sdpa_backend=default"] and not bench.failed_sets
+        assert bench.equivalence["on_measured_without"] == ["sdpa_backend_auto"]
+    else:
+        assert "on" in bench.failed_sets and bench.switch_sets["on"] == []

@@ -193,3 +193,63 @@ def test_bad_switch_values_are_config_errors():
         load_run_config(None, ["performance.adam=apex"])
     with pytest.raises(ConfigError, match="performance.bias_dropout_fusion"):
         load_run_config(None, ["performance.bias_dropout_fusion=sometimes"])
+
+
+def test_sdpa_backend_order_prefers_cudnn_on_hopper_and_falls_back_when_refused(monkeypatch):
+    """The GPU-only selection logic, with the device and the kernel probe stood in for."""
+    from models import performance as perf_lib
+
+    refused = {"cudnn"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(perf_lib, "_probe", lambda b, *a: "No available kernel" if b in refused else None)
+    order, note = perf_lib.sdpa_backend_order(PerformanceConfig(), 128, 24, 8, torch.bfloat16)
+    assert order == ["flash", "efficient", "cudnn", "math"] and "cudnn refused: No available kernel" in note
+    refused.clear()
+    order, note = perf_lib.sdpa_backend_order(PerformanceConfig(), 128, 24, 8, torch.bfloat16)
+    assert order == ["cudnn", "flash", "efficient", "math"] and "cudnn first" in note
+    order, _ = perf_lib.sdpa_backend_order(PerformanceConfig(sdpa_backend="efficient"), 128, 24, 8, torch.bfloat16)
+    assert order == ["efficient", "flash", "cudnn", "math"]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # A100: torch's own order
+    assert perf_lib.sdpa_backend_order(PerformanceConfig(), 128, 24, 8, torch.bfloat16)[0] is None
+    refused.update({"cudnn", "flash", "efficient", "math"})
+    with pytest.raises(ConfigError, match="no SDPA backend runs head_dim 128"):
+        perf_lib.sdpa_backend_order(PerformanceConfig(sdpa_backend="flash"), 128, 24, 8, torch.bfloat16)
+    monkeypatch.undo()
+    # Every name maps to a torch backend: the context enters and SDPA runs on CPU under it.
+    q = torch.randn(1, 2, 8, 4)
+    with perf_lib.sdpa_context(["cudnn", "flash", "efficient", "math"]):
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True))
+
+
+def test_liger_rmsnorm_is_wired_into_the_spec_with_megatrons_constructor(monkeypatch):
+    """liger-kernel stood in for by a module with its class name and signature (it is not
+    installed here and needs CUDA): the spec takes it for both layer norms, megatron-core's
+    ``build_module`` call builds it, and the weight keeps the name ``weight``."""
+    import types
+
+    from megatron.core.transformer.spec_utils import build_module
+
+    from models.specs import layer_spec
+
+    class LigerRMSNorm(torch.nn.RMSNorm):
+        def __init__(self, hidden_size, eps=1e-6):
+            super().__init__(hidden_size, eps=eps)
+
+    fake = types.ModuleType("liger_kernel.transformers.rms_norm")
+    fake.LigerRMSNorm = LigerRMSNorm  # type: ignore[attr-defined]
+    for name in ("liger_kernel", "liger_kernel.transformers"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.rms_norm", fake)
+    monkeypatch.setattr("models.performance.liger_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    perf = PerformanceConfig(rmsnorm="liger", sdpa_backend="default")
+    spec, description = layer_spec(get_preset("tiny-llama"), use_te=False, performance=perf)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "liger-kernel RMSNorm" in description
+    norm = build_module(spec.submodules.input_layernorm, config=None, hidden_size=64, eps=1e-5)
+    assert isinstance(norm, LigerRMSNorm) and norm.eps == 1e-5 and [n for n, _ in norm.named_parameters()] == ["weight"]
+    assert spec.submodules.pre_mlp_layernorm is spec.submodules.input_layernorm
+    with pytest.raises(ConfigError, match="needs CUDA"):
+        layer_spec(get_preset("tiny-llama"), use_te=False, performance=perf)
