@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from engine.config import ConfigError, ParallelConfig
+from engine.optimization.modelopt_state import STATE_DIR
 from engine.optimization.prune import (
     INSTALL_HINT,
     PruneTargets,
@@ -225,6 +226,7 @@ def test_pruned_checkpoint_trains_and_exports_with_parity(trained_checkpoint, po
     report = json.loads((out / "prune_report.json").read_text())
     assert report["kept_layers"] == result.kept_layers and len(result.kept_layers) == 3
     assert result.params_after < result.params_before
+    assert not (result.checkpoint / STATE_DIR).exists()  # a plain model: no modelopt state to restore
 
     # train 2 steps from it, with its own config
     cfg = yaml.safe_load((result.checkpoint / "config.yaml").read_text())
