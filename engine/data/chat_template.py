@@ -32,7 +32,10 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+
+if TYPE_CHECKING:
+    from engine.data.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
 
@@ -265,3 +268,20 @@ def get_chat_template(spec: Optional[str]) -> ChatTemplate:
     if spec.endswith(".jinja") or Path(spec).is_file():
         return JinjaTemplate.from_file(spec)
     raise ChatTemplateError(f"unknown chat template {spec!r}: use chatml, alpaca or a path to a .jinja file")
+
+
+def end_of_turn_ids(template: "ChatTemplate", tok: "Tokenizer") -> List[int]:
+    """Ids of the single-token end-of-turn markers of ``template`` (e.g. ChatML's
+    ``<|im_end|>``): the trained text right after an assistant's content, when it is one
+    token. Generation stops there as well as at EOS."""
+    segs = template.segments([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}])
+    ids: List[int] = []
+    after = False
+    for s in segs:
+        if after and s.loss and s.text:
+            enc = tok.encode(s.text)
+            if len(enc) == 1 and enc[0] != tok.eod:
+                ids.append(enc[0])
+            break
+        after = after or (s.loss and s.text == "a")
+    return ids

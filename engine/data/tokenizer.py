@@ -13,7 +13,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterable, List, Optional, Sequence, Union
+
+from engine.config import ConfigError
+
+if TYPE_CHECKING:
+    from engine.config import Config
 
 MODEL_FILE = "tokenizer.model"
 HF_FILE = "tokenizer.json"
@@ -161,3 +166,20 @@ class Tokenizer:
 def load_tokenizer(path: Union[str, os.PathLike]) -> Tokenizer:
     """Load the tokenizer at ``path`` (a directory with tokenizer.model, or the .model file)."""
     return Tokenizer.from_path(path)
+
+
+def load_checkpoint_tokenizer(cfg: "Config") -> Optional["Tokenizer"]:
+    """The checkpoint's tokenizer (``data.tokenizer``), checked against ``model.vocab_size``:
+    that must be the tokenizer's piece count or its padded size. None when the run had none."""
+    if not cfg.data.tokenizer:
+        return None
+    try:
+        tok = load_tokenizer(cfg.data.tokenizer)
+    except (TokenizerError, OSError) as exc:
+        raise ConfigError(f"tokenizer {cfg.data.tokenizer}: {exc}") from None
+    if cfg.model.vocab_size not in (tok.trained_vocab_size, tok.vocab_size):
+        raise ConfigError(
+            f"tokenizer {cfg.data.tokenizer} has {tok.trained_vocab_size} pieces (padded {tok.vocab_size}) but "
+            f"model.vocab_size is {cfg.model.vocab_size}: the checkpoint was not trained with this tokenizer"
+        )
+    return tok

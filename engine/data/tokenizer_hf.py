@@ -18,8 +18,13 @@ may tokenize differently (SentencePiece never matches control pieces in text).
 
 from __future__ import annotations
 
+import json
 import os
-from typing import List, Tuple, Union
+from pathlib import Path
+from typing import TYPE_CHECKING, List, Optional, Tuple, Union
+
+if TYPE_CHECKING:
+    from engine.data.tokenizer import Tokenizer
 
 # sentencepiece_model.proto ModelProto.SentencePiece.Type
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -106,3 +111,52 @@ def build_hf_tokenizer(model_bytes: bytes):
 def write_hf_tokenizer(model_bytes: bytes, path: Union[str, os.PathLike]) -> None:
     """Write the ``tokenizer.json`` equivalent of the SentencePiece model to ``path``."""
     build_hf_tokenizer(model_bytes).save(str(path))
+
+
+def _piece(tok: "Tokenizer", i: int) -> Optional[str]:
+    return tok.processor.id_to_piece(i) if i >= 0 else None
+
+
+def write_tokenizer(tok: "Tokenizer", chat_template: str, out: Path, max_length: int) -> None:
+    """``tokenizer.json`` (built from the SentencePiece model), ``tokenizer.model``,
+    ``tokenizer_config.json`` (class, special tokens, chat template) and
+    ``special_tokens_map.json``, in the keys transformers 4.x and 5.x both read."""
+    from transformers import PreTrainedTokenizerFast
+
+    # The user-defined pieces (chat markers) are added special tokens in tokenizer.json.
+    extra = [t.content for t in build_hf_tokenizer(tok.model_bytes).get_added_tokens_decoder().values()]
+    special = {
+        "bos_token": _piece(tok, tok.bos),
+        "eos_token": _piece(tok, tok.eod),
+        "unk_token": _piece(tok, tok.unk),
+        "pad_token": _piece(tok, tok.pad),
+    }
+    special = {k: v for k, v in special.items() if v is not None}
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=build_hf_tokenizer(tok.model_bytes),
+        chat_template=chat_template,
+        model_max_length=max_length,
+        **special,
+    )
+    hf_tok.save_pretrained(str(out))
+    (out / "tokenizer.model").write_bytes(tok.model_bytes)
+    # transformers 5 writes its own class name (TokenizersBackend) and a list-valued
+    # ``extra_special_tokens`` that 4.x cannot read; 4.x and the tools built on it (vLLM,
+    # TRL, llama.cpp's converter) read these keys, and 5.x reads them too.
+    cfg_file = out / "tokenizer_config.json"
+    tc = json.loads(cfg_file.read_text())
+    tc.pop("extra_special_tokens", None)
+    tc.pop("backend", None)
+    tc.update(
+        tokenizer_class="PreTrainedTokenizerFast",
+        additional_special_tokens=extra,
+        chat_template=chat_template,
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )
+    cfg_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
+    (out / "special_tokens_map.json").write_text(
+        json.dumps(dict(special, additional_special_tokens=extra), indent=2, ensure_ascii=False) + "\n"
+    )

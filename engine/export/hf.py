@@ -154,42 +154,6 @@ def check_window(cfg: "Config", allow_mismatch: bool) -> Optional[str]:
     )
 
 
-def load_checkpoint_tokenizer(cfg: "Config") -> Optional["Tokenizer"]:
-    """The checkpoint's tokenizer (``data.tokenizer``), checked against ``model.vocab_size``:
-    that must be the tokenizer's piece count or its padded size. None when the run had none."""
-    from engine.data.tokenizer import TokenizerError, load_tokenizer
-
-    if not cfg.data.tokenizer:
-        return None
-    try:
-        tok = load_tokenizer(cfg.data.tokenizer)
-    except (TokenizerError, OSError) as exc:
-        raise ExportError(f"tokenizer {cfg.data.tokenizer}: {exc}") from None
-    if cfg.model.vocab_size not in (tok.trained_vocab_size, tok.vocab_size):
-        raise ExportError(
-            f"tokenizer {cfg.data.tokenizer} has {tok.trained_vocab_size} pieces (padded {tok.vocab_size}) but "
-            f"model.vocab_size is {cfg.model.vocab_size}: the checkpoint was not trained with this tokenizer"
-        )
-    return tok
-
-
-def end_of_turn_ids(template, tok: "Tokenizer") -> List[int]:
-    """Ids of the single-token end-of-turn markers of ``template`` (e.g. ChatML's
-    ``<|im_end|>``): the trained text right after an assistant's content, when it is one
-    token. Generation stops there as well as at EOS."""
-    segs = template.segments([{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}])
-    ids: List[int] = []
-    after = False
-    for s in segs:
-        if after and s.loss and s.text:
-            enc = tok.encode(s.text)
-            if len(enc) == 1 and enc[0] != tok.eod:
-                ids.append(enc[0])
-            break
-        after = after or (s.loss and s.text == "a")
-    return ids
-
-
 def parity_prompt(cfg: "Config", tok: Optional["Tokenizer"], length: int) -> List[int]:
     """The first ``length`` token ids of ``PARITY_CONVERSATION`` in the data's chat template
     (token ids ``0..length-1`` when the checkpoint has no tokenizer)."""
@@ -281,57 +245,6 @@ def _generation_config(tok: Optional["Tokenizer"], turn_ids: List[int]):
     )
 
 
-def _piece(tok: "Tokenizer", i: int) -> Optional[str]:
-    return tok.processor.id_to_piece(i) if i >= 0 else None
-
-
-def write_tokenizer(tok: "Tokenizer", chat_template: str, out: Path, max_length: int) -> None:
-    """``tokenizer.json`` (built from the SentencePiece model), ``tokenizer.model``,
-    ``tokenizer_config.json`` (class, special tokens, chat template) and
-    ``special_tokens_map.json``, in the keys transformers 4.x and 5.x both read."""
-    from transformers import PreTrainedTokenizerFast
-
-    from engine.data.tokenizer_hf import build_hf_tokenizer
-
-    # The user-defined pieces (chat markers) are added special tokens in tokenizer.json.
-    extra = [t.content for t in build_hf_tokenizer(tok.model_bytes).get_added_tokens_decoder().values()]
-    special = {
-        "bos_token": _piece(tok, tok.bos),
-        "eos_token": _piece(tok, tok.eod),
-        "unk_token": _piece(tok, tok.unk),
-        "pad_token": _piece(tok, tok.pad),
-    }
-    special = {k: v for k, v in special.items() if v is not None}
-    hf_tok = PreTrainedTokenizerFast(
-        tokenizer_object=build_hf_tokenizer(tok.model_bytes),
-        chat_template=chat_template,
-        model_max_length=max_length,
-        **special,
-    )
-    hf_tok.save_pretrained(str(out))
-    (out / "tokenizer.model").write_bytes(tok.model_bytes)
-    # transformers 5 writes its own class name (TokenizersBackend) and a list-valued
-    # ``extra_special_tokens`` that 4.x cannot read; 4.x and the tools built on it (vLLM,
-    # TRL, llama.cpp's converter) read these keys, and 5.x reads them too.
-    cfg_file = out / "tokenizer_config.json"
-    tc = json.loads(cfg_file.read_text())
-    tc.pop("extra_special_tokens", None)
-    tc.pop("backend", None)
-    tc.update(
-        tokenizer_class="PreTrainedTokenizerFast",
-        additional_special_tokens=extra,
-        chat_template=chat_template,
-        add_bos_token=False,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        **special,
-    )
-    cfg_file.write_text(json.dumps(tc, indent=2, ensure_ascii=False) + "\n")
-    (out / "special_tokens_map.json").write_text(
-        json.dumps(dict(special, additional_special_tokens=extra), indent=2, ensure_ascii=False) + "\n"
-    )
-
-
 def _patch_config_json(path: Path, dtype_name: str) -> None:
     """``torch_dtype`` (4.x's key) next to 5.x's ``dtype``."""
     cfg = json.loads(path.read_text())
@@ -399,7 +312,9 @@ def export_hf(
 
     from engine import checkpoint as ckpt_lib
     from engine import model_io
-    from engine.data.chat_template import get_chat_template
+    from engine.data.chat_template import end_of_turn_ids, get_chat_template
+    from engine.data.tokenizer import load_checkpoint_tokenizer
+    from engine.data.tokenizer_hf import write_tokenizer
     from models.hf_convert import ConversionError, hf_config, megatron_to_hf
 
     if dtype not in DTYPES:

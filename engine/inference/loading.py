@@ -55,7 +55,7 @@ def generation_layout(saved: ParallelConfig, world_size: int) -> Optional[Parall
 def checkpoint_tokenizer(cfg: Config, override: Optional[str] = None) -> "Tokenizer":
     """The tokenizer the run trained with (``data.tokenizer``), or ``override``, checked
     against the model's vocabulary as the export checks it."""
-    from engine.export.hf import load_checkpoint_tokenizer
+    from engine.data.tokenizer import load_checkpoint_tokenizer
 
     if override:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, tokenizer=override))
@@ -129,8 +129,7 @@ def load_generator(
 
     ``parallel`` default: one process (TP=PP=1), or under torchrun the checkpoint's TP x PP
     layout (``generation_layout``). ``tokenizer`` overrides the run's ``data.tokenizer``."""
-    from engine.data.chat_template import ChatTemplateError, get_chat_template
-    from engine.export.hf import end_of_turn_ids
+    from engine.data.chat_template import ChatTemplateError, end_of_turn_ids, get_chat_template
     from engine.model_io import checkpoint_config, load_model, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)

@@ -184,7 +184,8 @@ def export_hf(model: torch.nn.Module, cfg, out_dir: Path) -> None:
     from modelopt.torch.export import export_mcore_gpt_to_hf
 
     from engine.data.chat_template import get_chat_template
-    from engine.export.hf import load_checkpoint_tokenizer, write_tokenizer
+    from engine.data.tokenizer import load_checkpoint_tokenizer
+    from engine.data.tokenizer_hf import write_tokenizer
     from models.hf_convert import hf_config, hf_model_class
 
     tok = load_checkpoint_tokenizer(cfg)

@@ -198,7 +198,7 @@ def test_hf_chat_template_renders_like_the_engine(exported, tmp_path, template_n
 
     from engine.data.chat_template import get_chat_template
     from engine.data.tokenizer import load_tokenizer
-    from engine.export.hf import write_tokenizer
+    from engine.data.tokenizer_hf import write_tokenizer
     from engine.model_io import checkpoint_config, resolve_checkpoint
 
     run, _ = exported("llama-tp2pp2")
