@@ -25,8 +25,6 @@ from engine.config import ConfigError, PrecisionConfig, field_choices
 from engine.evaluation.perplexity import gpt_logits_fn
 from tests.conftest import REPO
 
-pytest.importorskip("modelopt.torch.quantization")
-
 CPU_FORMATS = ("fp8", "int8", "int8_sq", "int4_awq", "w4a8_awq")
 # Bound on |perplexity change| of the 3-step tiny model: weight-only 4-bit is the coarsest.
 PPL_BOUND = {"fp8": 0.02, "int8": 0.02, "int8_sq": 0.02, "int4_awq": 0.10, "w4a8_awq": 0.10}
