@@ -8,9 +8,11 @@ activated first.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from dataclasses import dataclass
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -69,7 +71,7 @@ def init_model_parallel(parallel: ParallelConfig, seed: int) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor,
         pipeline_model_parallel_size=parallel.pipeline,
@@ -93,11 +95,56 @@ def describe_layout() -> str:
     )
 
 
+def _megatron_groups() -> List[dist.ProcessGroup]:
+    """Every process group megatron-core's parallel_state holds (its module globals: single
+    groups, and lists or dicts of them), without the default group."""
+    from megatron.core import parallel_state
+
+    found: Dict[int, dist.ProcessGroup] = {}
+
+    def visit(value) -> None:
+        if isinstance(value, dist.ProcessGroup):
+            found.setdefault(id(value), value)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+
+    for name, value in vars(parallel_state).items():
+        if "GROUP" in name:  # _TENSOR_MODEL_PARALLEL_GROUP, _DATA_PARALLEL_GROUP_GLOO, ...
+            visit(value)
+    world = dist.group.WORLD if dist.is_initialized() else None
+    return [g for g in found.values() if g is not world]
+
+
+def destroy_model_parallel() -> None:
+    """megatron-core's ``destroy_model_parallel`` plus the groups themselves.
+
+    megatron-core only forgets its groups; each gloo group keeps its connections and
+    transport threads (about 50 per layout on this stack). A process that builds layouts
+    repeatedly (the test suite, commands that load several checkpoints) would accumulate
+    them, and their threads compete for the CPU. So the groups are destroyed first."""
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        for group in _megatron_groups():
+            try:
+                dist.destroy_process_group(group)
+            except (ValueError, RuntimeError):  # already destroyed, or not a member
+                pass
+    parallel_state.destroy_model_parallel()
+    # The groups sit in reference cycles: only the cyclic collector frees them (and stops
+    # their transport threads).
+    gc.collect()
+
+
 def shutdown() -> None:
     """Tear down megatron's groups and the default process group."""
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+        destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
