@@ -98,23 +98,29 @@ class LoadedModel:
         return int(self.meta.get("iteration", 0))
 
 
+def inference_parallel(parallel: ParallelConfig, tensor: int = 1, pipeline: int = 1) -> ParallelConfig:
+    """``parallel`` at ``tensor`` x ``pipeline`` with what only training needs switched off:
+    no virtual stages, CP, EP, sequence parallelism, optimizer sharding or overlap."""
+    return dataclasses.replace(
+        parallel,
+        tensor=tensor,
+        pipeline=pipeline,
+        virtual_pipeline=None,
+        context=1,
+        expert=1,
+        sequence_parallel=False,
+        distributed_optimizer=False,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+    )
+
+
 def single_process_layout(cfg: Config) -> Config:
     """``cfg`` at TP=PP=CP=EP=1 without virtual stages or sequence parallelism: the whole
     model on one process (what export, import and merging work on)."""
     return dataclasses.replace(
         cfg,
-        parallel=dataclasses.replace(
-            cfg.parallel,
-            tensor=1,
-            pipeline=1,
-            virtual_pipeline=None,
-            context=1,
-            expert=1,
-            sequence_parallel=False,
-            distributed_optimizer=False,
-            overlap_grad_reduce=False,
-            overlap_param_gather=False,
-        ),
+        parallel=inference_parallel(cfg.parallel),
         training=dataclasses.replace(cfg.training, recompute="none"),
     )
 

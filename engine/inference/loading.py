@@ -40,16 +40,9 @@ def generation_layout(saved: ParallelConfig, world_size: int) -> Optional[Parall
         )
     # Inference needs no optimizer sharding, no virtual stages (megatron's inference wrapper
     # refuses interleaving) and no sequence parallelism (refused for dense static batches).
-    return dataclasses.replace(
-        saved,
-        virtual_pipeline=None,
-        context=1,
-        expert=1,
-        sequence_parallel=False,
-        distributed_optimizer=False,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-    )
+    from engine.model_io import inference_parallel
+
+    return inference_parallel(saved, saved.tensor, saved.pipeline)
 
 
 def checkpoint_tokenizer(cfg: Config, override: Optional[str] = None) -> "Tokenizer":
